@@ -1,0 +1,111 @@
+/* gobo native routines, called through ctypes (the GIL is released during calls).
+ *
+ * kmeans1d_exact: globally optimal 1-D k-means (minimal sum of squared errors) of sorted
+ * data by dynamic programming, D_k[i] = min_j D_{k-1}[j] + cost(j, i), with the
+ * divide-and-conquer speed-up that the monotone optimal split allows: O(k n log n) time,
+ * O(k n) 32-bit split table.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(_WIN32)
+#define GOBO_API __declspec(dllexport)
+#else
+#define GOBO_API __attribute__((visibility("default")))
+#endif
+
+typedef struct {
+    const double *s1; /* prefix sums of x, length n + 1 */
+    const double *s2; /* prefix sums of x^2 */
+    const double *prev;
+    double *cur;
+    int32_t *opt;
+} dp_ctx;
+
+static inline double seg_cost(const dp_ctx *c, int64_t j, int64_t i) {
+    /* squared error of x[j:i] around its mean; i > j */
+    double s = c->s1[i] - c->s1[j];
+    double q = c->s2[i] - c->s2[j];
+    double v = q - s * s / (double)(i - j);
+    return v > 0.0 ? v : 0.0;
+}
+
+static void dc_fill(const dp_ctx *c, int64_t lo, int64_t hi, int64_t jlo, int64_t jhi) {
+    /* fill cur[i] for i in [lo, hi], knowing opt(i) lies in [jlo, jhi] */
+    while (lo <= hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        int64_t jend = jhi < mid - 1 ? jhi : mid - 1;
+        double best = INFINITY;
+        int64_t bj = jlo;
+        for (int64_t j = jlo; j <= jend; ++j) {
+            double v = c->prev[j] + seg_cost(c, j, mid);
+            if (v < best) { best = v; bj = j; }
+        }
+        c->cur[mid] = best;
+        c->opt[mid] = (int32_t)bj;
+        /* recurse on the smaller side, loop on the other to bound the stack */
+        if (mid - lo < hi - mid) {
+            dc_fill(c, lo, mid - 1, jlo, bj);
+            lo = mid + 1; jlo = bj;
+        } else {
+            dc_fill(c, mid + 1, hi, bj, jhi);
+            hi = mid - 1; jhi = bj;
+        }
+    }
+}
+
+/* x: n sorted values; k clusters (1 <= k <= n).
+ * Writes k centroids (ascending) and k+1 boundaries (bounds[0] = 0, bounds[k] = n).
+ * Returns 0 on success, 1 on bad arguments, 2 when out of memory. */
+GOBO_API int gobo_kmeans1d_exact(const double *x, int64_t n, int32_t k, double *centroids, int64_t *bounds) {
+    if (n <= 0 || k <= 0 || k > n || n >= INT32_MAX) return 1;
+    double *s1 = malloc(sizeof(double) * (size_t)(n + 1));
+    double *s2 = malloc(sizeof(double) * (size_t)(n + 1));
+    double *a = malloc(sizeof(double) * (size_t)(n + 1));
+    double *b = malloc(sizeof(double) * (size_t)(n + 1));
+    int32_t *opt = malloc(sizeof(int32_t) * (size_t)k * (size_t)(n + 1));
+    if (!s1 || !s2 || !a || !b || !opt) { free(s1); free(s2); free(a); free(b); free(opt); return 2; }
+    /* centre the data: prefix sums of squares stay well conditioned */
+    double mean = 0.0;
+    for (int64_t i = 0; i < n; ++i) mean += x[i];
+    mean /= (double)n;
+    s1[0] = 0.0; s2[0] = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        double v = x[i] - mean;
+        s1[i + 1] = s1[i] + v;
+        s2[i + 1] = s2[i] + v * v;
+    }
+    dp_ctx c = {s1, s2, NULL, NULL, NULL};
+    /* layer 1: one cluster over x[0:i] */
+    a[0] = INFINITY;
+    for (int64_t i = 1; i <= n; ++i) { a[i] = seg_cost(&c, 0, i); opt[i] = 0; }
+    opt[0] = 0;
+    double *prev = a, *cur = b;
+    for (int32_t m = 2; m <= k; ++m) {
+        int32_t *o = opt + (size_t)(m - 1) * (size_t)(n + 1);
+        for (int64_t i = 0; i < m; ++i) { cur[i] = INFINITY; o[i] = 0; }
+        c.prev = prev; c.cur = cur; c.opt = o;
+        dc_fill(&c, m, n, m - 1, n - 1);
+        double *t = prev; prev = cur; cur = t;
+    }
+    /* backtrack the splits */
+    bounds[k] = n;
+    int64_t i = n;
+    for (int32_t m = k; m >= 1; --m) {
+        int64_t j = opt[(size_t)(m - 1) * (size_t)(n + 1) + i];
+        if (m == 1) j = 0;
+        bounds[m - 1] = j;
+        centroids[m - 1] = (s1[i] - s1[j]) / (double)(i - j) + mean;
+        i = j;
+    }
+    free(s1); free(s2); free(a); free(b); free(opt);
+    return 0;
+}
+
+/* A Python module with no methods, so the shared object is an importable extension. */
+static struct PyModuleDef gobo_native_module = {PyModuleDef_HEAD_INIT, "_native", "gobo native routines (ctypes)", -1, NULL};
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&gobo_native_module); }

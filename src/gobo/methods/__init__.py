@@ -1,0 +1,1 @@
+"""Quantization methods: pure functions from a weight tensor to a QuantizedTensor."""

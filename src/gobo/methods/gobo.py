@@ -1,0 +1,274 @@
+"""GOBO: Gaussian outliers kept exact, the rest clustered to 2**b centroids.
+
+Zadeh, Edo, Awad, Moshovos. "GOBO: Quantizing Attention-Based NLP Models for Low Latency
+and Energy Efficient Inference." MICRO 2020.
+
+The building blocks here work on 1-D float64 arrays; they are pure and deterministic.
+Clustering works on the sorted values with prefix sums, so one refinement step costs
+O(k log n) after a single O(n log n) sort.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "assign",
+    "equal_population_init",
+    "gaussian_outlier_mask",
+    "l1_error",
+    "l2_error",
+    "refine_l1",
+    "refine_lloyd",
+    "cluster_sorted",
+]
+
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def gaussian_outlier_mask(w: np.ndarray, threshold: float) -> np.ndarray:
+    """True where the log-density of ``w`` under N(mean, std) of ``w`` is below ``threshold``.
+
+    The density is that of the fitted Gaussian, so the cut in standard deviations depends on
+    the std itself: ``|z| > sqrt(2 * (-threshold - log(std) - log(sqrt(2 pi))))``.
+    """
+    mu = float(w.mean())
+    sigma = float(w.std())
+    if not sigma > 0.0:
+        return np.zeros(w.shape, dtype=bool)
+    # log N(w) < t  <=>  z^2 > 2 (-t - log sigma - log sqrt(2 pi))
+    rhs = 2.0 * (-threshold - math.log(sigma) - LOG_SQRT_2PI)
+    if rhs <= 0.0:
+        return np.ones(w.shape, dtype=bool)
+    zcut = math.sqrt(rhs) * sigma
+    return np.abs(w - mu) > zcut
+
+
+def _prefix(x: np.ndarray) -> np.ndarray:
+    p = np.empty(x.size + 1, dtype=np.float64)
+    p[0] = 0.0
+    np.cumsum(x, out=p[1:])
+    return p
+
+
+def _bounds(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Cluster boundaries in sorted ``x`` for nearest-centroid assignment (ties go low)."""
+    mids = (c[:-1] + c[1:]) * 0.5
+    b = np.empty(c.size + 1, dtype=np.int64)
+    b[0] = 0
+    b[-1] = x.size
+    b[1:-1] = np.searchsorted(x, mids, side="right")
+    return b
+
+
+def equal_population_init(x: np.ndarray, k: int, p: np.ndarray | None = None) -> np.ndarray:
+    """Centroids = means of ``k`` equal-population bins of sorted ``x``."""
+    if p is None:
+        p = _prefix(x)
+    n = x.size
+    edges = (np.arange(k + 1, dtype=np.int64) * n) // k
+    cnt = np.diff(edges)
+    sums = p[edges[1:]] - p[edges[:-1]]
+    c = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
+    return _fill_empty(c, x)
+
+
+def _fill_empty(c: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Replace NaN centroids (empty clusters) deterministically and keep them sorted."""
+    if np.isnan(c).any():
+        good = c[~np.isnan(c)]
+        fill = good[-1] if good.size else (x[0] if x.size else 0.0)
+        c = np.where(np.isnan(c), fill, c)
+    return np.sort(c)
+
+
+def l1_error(x: np.ndarray, c: np.ndarray, p: np.ndarray) -> float:
+    """Sum of |x - nearest centroid| over sorted ``x`` (prefix sums ``p``)."""
+    b = _bounds(x, c)
+    s = np.clip(np.searchsorted(x, c, side="left"), b[:-1], b[1:])
+    lo, hi = b[:-1], b[1:]
+    left = c * (s - lo) - (p[s] - p[lo])
+    right = (p[hi] - p[s]) - c * (hi - s)
+    return float(np.sum(left + right))
+
+
+def l2_error(x: np.ndarray, c: np.ndarray, p: np.ndarray, q: np.ndarray) -> float:
+    """Sum of squared errors to the nearest centroid (prefix sums ``p`` of x, ``q`` of x^2)."""
+    b = _bounds(x, c)
+    lo, hi = b[:-1], b[1:]
+    cnt = hi - lo
+    s = p[hi] - p[lo]
+    ss = q[hi] - q[lo]
+    return float(np.sum(ss - 2 * c * s + c * c * cnt))
+
+
+def _means(x: np.ndarray, c: np.ndarray, p: np.ndarray) -> np.ndarray:
+    b = _bounds(x, c)
+    cnt = np.diff(b)
+    sums = p[b[1:]] - p[b[:-1]]
+    return np.where(cnt > 0, sums / np.maximum(cnt, 1), c)  # empty cluster keeps its centroid
+
+
+def refine_l1(x: np.ndarray, c: np.ndarray, p: np.ndarray, max_iter: int = 200) -> tuple[np.ndarray, int]:
+    """The paper's refinement: assign to nearest, move to mean, while the L1 error falls.
+
+    Returns the centroids with the lowest L1 error seen and the iterations run.
+    """
+    err = l1_error(x, c, p)
+    it = 0
+    for it in range(1, max_iter + 1):
+        nc = np.sort(_means(x, c, p))
+        nerr = l1_error(x, nc, p)
+        if not nerr < err:
+            break
+        c, err = nc, nerr
+    return c, it
+
+
+def refine_lloyd(x: np.ndarray, c: np.ndarray, p: np.ndarray, max_iter: int = 200) -> tuple[np.ndarray, int]:
+    """Lloyd iterations to a fixed point (a local minimum of the squared error)."""
+    it = 0
+    for it in range(1, max_iter + 1):
+        nc = np.sort(_means(x, c, p))
+        if np.array_equal(nc, c):
+            break
+        c = nc
+    return c, it
+
+
+def cluster_sorted(x: np.ndarray, k: int, clustering: str, max_iter: int = 200) -> np.ndarray:
+    """Centroids (ascending, float64, exactly ``k``) for sorted values ``x``.
+
+    clustering: ``"l1"`` (paper: equal-population init, refine while L1 falls),
+    ``"lloyd"`` (same init, Lloyd to convergence) or ``"exact"`` (global optimum of the
+    squared error, by dynamic programming).
+    """
+    if x.size == 0:
+        return np.zeros(k, dtype=np.float64)
+    if x.size <= k:
+        c = np.empty(k, dtype=np.float64)
+        c[: x.size] = x
+        c[x.size :] = x[-1]
+        return c
+    if clustering == "exact":
+        from ..native import kmeans1d_exact
+
+        c, _ = kmeans1d_exact(x, k)
+        return c
+    p = _prefix(x)
+    c = equal_population_init(x, k, p)
+    if clustering == "l1":
+        c, _ = refine_l1(x, c, p, max_iter)
+    elif clustering == "lloyd":
+        c, _ = refine_lloyd(x, c, p, max_iter)
+    else:
+        raise ValueError(f"clustering must be 'l1', 'lloyd' or 'exact', got {clustering!r}")
+    return c
+
+
+def assign(w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (ascending ``c``; ties go to the lower one)."""
+    mids = (c[:-1] + c[1:]) * 0.5
+    return np.searchsorted(mids, w, side="left").astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------- tensor fit
+
+
+class Prepared:
+    """One tensor made ready for GOBO at any bit width: outliers found, rows normalised,
+    inliers sorted once. ``centroids(b)`` and ``distortion(b)`` are cheap after that."""
+
+    def __init__(self, weight: np.ndarray, config) -> None:
+        w32 = np.ascontiguousarray(weight, dtype=np.float32)
+        if w32.ndim < 1 or w32.size == 0:
+            raise ValueError("cannot quantize an empty tensor")
+        if not np.isfinite(w32).all():
+            raise ValueError("the tensor holds NaN or infinite values")
+        self.config = config
+        self.w32 = w32
+        self.rows = w32.shape[0] if w32.ndim > 1 else 1
+        w2 = w32.reshape(self.rows, -1).astype(np.float64)
+        mask = gaussian_outlier_mask(w2.reshape(-1), config.outlier_threshold).reshape(w2.shape)
+        if mask.all():  # degenerate: keep something to cluster
+            mask[:] = False
+        self.mask = mask
+        self.row_scale = self.row_offset = None
+        if config.normalize_rows:
+            mu = w2.mean(axis=1)
+            sd = w2.std(axis=1)
+            # float16 statistics: half the bytes; the codebook absorbs their rounding
+            off = mu.astype(np.float16)
+            sc = np.where(sd > 0, sd, 1.0).astype(np.float16)
+            if not (np.isfinite(off).all() and np.isfinite(sc).all() and (sc > 0).all()):
+                off = mu.astype(np.float32)  # outside float16's range: keep float32
+                sc = np.where(sd > 0, sd, 1.0).astype(np.float32)
+            self.row_offset, self.row_scale = off, sc
+            # normalise with the stored statistics so that encoding and decoding agree
+            self.z = (w2 - off[:, None].astype(np.float64)) / sc[:, None].astype(np.float64)
+            self.energy = float(np.sum((w2 / sc[:, None].astype(np.float64)) ** 2))
+        else:
+            self.z = w2
+            self.energy = float(np.sum(w2 * w2))
+        self.x = np.sort(self.z[~mask])
+        self.p = _prefix(self.x)
+        self._q: np.ndarray | None = None  # prefix sums of x^2, made on first use
+        self._c: dict[int, np.ndarray] = {}
+
+    @property
+    def n_outliers(self) -> int:
+        return int(self.mask.sum())
+
+    def centroids(self, bits: int) -> np.ndarray:
+        """float32 codebook of ``2**bits`` ascending centroids (cached)."""
+        if bits not in self._c:
+            c = cluster_sorted(self.x, 1 << bits, self.config.clustering, self.config.max_iter)
+            self._c[bits] = c.astype(np.float32)
+        return self._c[bits]
+
+    def distortion(self, bits: int) -> float:
+        """Relative squared error at ``bits``: the inliers' error over the tensor's energy
+        in the clustered domain (exact without row normalisation, close with it)."""
+        if self.x.size == 0:
+            return 0.0
+        c = self.centroids(bits).astype(np.float64)
+        if self._q is None:
+            self._q = _prefix(self.x * self.x)
+        return l2_error(self.x, c, self.p, self._q) / max(self.energy, 1e-300)
+
+    def release_sorted(self) -> None:
+        """Drop the sorted copy (memory) once every centroid set needed is computed."""
+        self.x = self.p = self._q = None
+
+    def build(self, bits: int) -> "QuantizedTensor":
+        from ..qtensor import QuantizedTensor
+
+        cent = self.centroids(bits)
+        codes = assign(self.z.reshape(-1), cent.astype(np.float64))
+        out_idx = np.flatnonzero(self.mask.reshape(-1)).astype(np.int64)
+        out_val = self.w32.reshape(-1)[out_idx].copy()
+        codes[out_idx] = 0  # unused under an outlier; zero keeps files canonical
+        return QuantizedTensor.from_codes(
+            codes,
+            shape=self.w32.shape,
+            bits=bits,
+            codebook=cent[None, :],
+            group_rows=self.rows,
+            row_scale=self.row_scale,
+            row_offset=self.row_offset,
+            outlier_index=out_idx,
+            outlier_value=out_val,
+            method="gobo",
+        )
+
+
+def fit(weight: np.ndarray, bits: int, config) -> "QuantizedTensor":
+    """Quantize one weight tensor with GOBO at ``bits`` (``config``: a GoboConfig).
+
+    Outliers are found on the raw tensor (the paper's Gaussian test). With
+    ``normalize_rows`` each row is standardised by its mean and std before one codebook is
+    fitted for the whole tensor: the codebook encodes shape, the row statistics scale.
+    """
+    return Prepared(weight, config).build(bits)

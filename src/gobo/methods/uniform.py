@@ -1,0 +1,39 @@
+"""DirectQ: round-to-nearest uniform quantization with one [min, max] range per row.
+
+The naive baseline of Q-BERT (Shen et al., AAAI 2020). Codes are the integer levels
+0 .. 2**bits - 1; a weight is ``row_min + code * step`` with ``step = (max - min) / (2**bits - 1)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["fit"]
+
+
+def fit(weight: np.ndarray, bits: int) -> "QuantizedTensor":
+    from ..qtensor import QuantizedTensor
+
+    w32 = np.ascontiguousarray(weight, dtype=np.float32)
+    if w32.size == 0:
+        raise ValueError("cannot quantize an empty tensor")
+    if not np.isfinite(w32).all():
+        raise ValueError("the tensor holds NaN or infinite values")
+    rows = w32.shape[0] if w32.ndim > 1 else 1
+    w2 = w32.reshape(rows, -1)
+    levels = (1 << bits) - 1
+    lo = w2.min(axis=1)
+    hi = w2.max(axis=1)
+    step = ((hi.astype(np.float64) - lo) / levels).astype(np.float32)
+    step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)
+    codes = np.clip(np.rint((w2 - lo[:, None]) / step[:, None]), 0, levels).astype(np.uint8)
+    return QuantizedTensor.from_codes(
+        codes,
+        shape=w32.shape,
+        bits=bits,
+        codebook=np.arange(levels + 1, dtype=np.float32)[None, :],
+        group_rows=rows,
+        row_scale=step,
+        row_offset=lo.astype(np.float32),
+        method="directq",
+    )

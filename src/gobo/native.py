@@ -1,0 +1,51 @@
+"""ctypes bindings to the compiled routines in ``gobo._native`` (built at install time)."""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["available", "kmeans1d_exact", "lib"]
+
+
+@lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL:
+    """The native library; raises ImportError with a fix if it was not built."""
+    try:
+        from . import _native
+    except ImportError as exc:
+        raise ImportError(
+            "gobo's compiled routines are missing; reinstall with 'pip install -e .' (a C compiler is needed)"
+        ) from exc
+    so = ctypes.CDLL(_native.__file__)
+    f = so.gobo_kmeans1d_exact
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
+    return so
+
+
+def available() -> bool:
+    try:
+        lib()
+    except ImportError:
+        return False
+    return True
+
+
+def kmeans1d_exact(x_sorted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Globally optimal 1-D k-means of sorted data: ``(centroids (k,), bounds (k+1,))``."""
+    x = np.ascontiguousarray(x_sorted, dtype=np.float64)
+    n = x.size
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    cent = np.empty(k, dtype=np.float64)
+    bounds = np.empty(k + 1, dtype=np.int64)
+    rc = lib().gobo_kmeans1d_exact(x.ctypes.data, n, k, cent.ctypes.data, bounds.ctypes.data)
+    if rc == 2:
+        need = k * (n + 1) * 4 / 2**30
+        raise MemoryError(f"exact clustering of {n} values into {k} clusters needs about {need:.1f} GiB")
+    if rc != 0:
+        raise ValueError(f"exact clustering rejected its arguments (n={n}, k={k})")
+    return cent, bounds

@@ -1,0 +1,183 @@
+"""QuantizedTensor: a plain container for one compressed weight matrix.
+
+Dequantization (exact, float32, in this order)::
+
+    v[r, c] = codebook[r // group_rows, code[r, c]]
+    v[r, c] = v[r, c] * row_scale[r]      if row_scale is present (float16/32, widened to float32)
+    v[r, c] = v[r, c] + row_offset[r]     if row_offset is present (likewise)
+    v.flat[outlier_index] = outlier_value
+
+``code`` is stored packed (see :mod:`gobo.packing`), row-major over ``(rows, cols)`` where
+``rows = shape[0]`` and ``cols = prod(shape[1:])``. Every operation is elementwise in
+float32, so any implementation that follows the recipe reproduces the same bits.
+
+* GOBO keeps one codebook of ``2**bits`` centroids per group of rows (the paper: one group,
+  the whole tensor) and its Gaussian outliers exact.
+* Uniform (DirectQ) codes are integer levels ``codebook = [0, 1, ..., 2**bits - 1]`` scaled
+  and shifted per row (``row_scale`` = step, ``row_offset`` = minimum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .packing import pack_codes, packed_nbytes, unpack_codes
+
+__all__ = ["QuantizedTensor", "FIELDS"]
+
+#: tensor fields, in file order; each is optional except codes and codebook
+FIELDS = ("codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value")
+
+
+@dataclass(eq=False)
+class QuantizedTensor:
+    shape: tuple[int, ...]
+    bits: int
+    codes: np.ndarray  # uint8, packed, packed_nbytes(numel, bits) bytes
+    codebook: np.ndarray  # float32 (groups, 2**bits)
+    group_rows: int  # rows sharing one codebook row
+    row_scale: np.ndarray | None = None  # float16 or float32 (rows,)
+    row_offset: np.ndarray | None = None  # float16 or float32 (rows,)
+    outlier_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted flat positions
+    outlier_value: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    method: str = "gobo"
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        self.validate()
+
+    # ------------------------------------------------------------------ shape helpers
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def cols(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def n_outliers(self) -> int:
+        return int(self.outlier_index.size)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ValueError if the fields are inconsistent (used on load, too)."""
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be from 1 to 8, got {self.bits}")
+        if self.codes.dtype != np.uint8 or self.codes.ndim != 1:
+            raise ValueError("codes must be a 1-D uint8 array")
+        if self.codes.size != packed_nbytes(self.numel, self.bits):
+            raise ValueError(
+                f"codes hold {self.codes.size} bytes, {self.numel} codes of {self.bits} bits need "
+                f"{packed_nbytes(self.numel, self.bits)}"
+            )
+        k = 1 << self.bits
+        if self.group_rows < 1:
+            raise ValueError("group_rows must be >= 1")
+        groups = -(-self.rows // self.group_rows)
+        if self.codebook.dtype != np.float32 or self.codebook.shape != (groups, k):
+            raise ValueError(f"codebook must be float32 of shape ({groups}, {k}), got {self.codebook.dtype} {self.codebook.shape}")
+        for name in ("row_scale", "row_offset"):
+            a = getattr(self, name)
+            if a is not None and (a.dtype not in (np.float16, np.float32) or a.shape != (self.rows,)):
+                raise ValueError(f"{name} must be float16 or float32 of shape ({self.rows},)")
+        if self.outlier_index.ndim != 1 or self.outlier_index.shape != self.outlier_value.shape:
+            raise ValueError("outlier_index and outlier_value must be 1-D and of equal length")
+        if self.outlier_value.dtype != np.float32:
+            raise ValueError("outlier_value must be float32")
+        if self.outlier_index.size:
+            idx = self.outlier_index
+            if int(idx.min()) < 0 or int(idx.max()) >= self.numel or np.any(np.diff(idx) <= 0):
+                raise ValueError("outlier positions must be sorted, unique and inside the tensor")
+
+    # ------------------------------------------------------------------ maths
+    def unpacked_codes(self) -> np.ndarray:
+        """Codes as uint8 of shape ``(rows, cols)``."""
+        return unpack_codes(self.codes, self.bits, self.numel).reshape(self.rows, self.cols)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight this tensor stands for (see the module docstring)."""
+        codes = self.unpacked_codes()
+        group = (np.arange(self.rows) // self.group_rows)[:, None]
+        v = self.codebook[group, codes]  # (rows, cols) float32
+        if self.row_scale is not None:
+            v = v * self.row_scale.astype(np.float32)[:, None]
+        if self.row_offset is not None:
+            v = v + self.row_offset.astype(np.float32)[:, None]
+        v = v.reshape(-1)
+        if self.outlier_index.size:
+            v[self.outlier_index] = self.outlier_value
+        return v.reshape(self.shape)
+
+    # ------------------------------------------------------------------ size
+    def nbytes(self) -> int:
+        """Bytes of all stored arrays (outlier positions as stored: int32 when they fit)."""
+        total = self.codes.nbytes + self.codebook.nbytes + self.outlier_value.nbytes
+        total += self.outlier_index.size * (4 if self.numel < 2**31 else 8)
+        for a in (self.row_scale, self.row_offset):
+            if a is not None:
+                total += a.nbytes
+        return int(total)
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes() / max(self.numel, 1)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """Field name -> array, for the file (absent optional fields are left out)."""
+        out = {"codes": self.codes, "codebook": self.codebook}
+        if self.row_scale is not None:
+            out["row_scale"] = self.row_scale
+        if self.row_offset is not None:
+            out["row_offset"] = self.row_offset
+        if self.outlier_index.size:
+            dt = np.int32 if self.numel < 2**31 else np.int64
+            out["outlier_index"] = self.outlier_index.astype(dt)
+            out["outlier_value"] = self.outlier_value
+        return out
+
+    def meta(self) -> dict:
+        """JSON-able attributes that, with :meth:`to_tensors`, rebuild the tensor."""
+        return {
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "group_rows": self.group_rows,
+            "method": self.method,
+        }
+
+    @classmethod
+    def from_tensors(cls, meta: dict, tensors: dict[str, np.ndarray]) -> "QuantizedTensor":
+        """Inverse of :meth:`meta` + :meth:`to_tensors`; validates everything."""
+        unknown = set(tensors) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unexpected fields {sorted(unknown)}")
+        for req in ("codes", "codebook"):
+            if req not in tensors:
+                raise ValueError(f"missing field {req!r}")
+        idx = tensors.get("outlier_index")
+        val = tensors.get("outlier_value")
+        if (idx is None) != (val is None):
+            raise ValueError("outlier positions and values must come together")
+        return cls(
+            shape=tuple(meta["shape"]),
+            bits=int(meta["bits"]),
+            codes=np.ascontiguousarray(tensors["codes"]),
+            codebook=np.ascontiguousarray(tensors["codebook"]),
+            group_rows=int(meta["group_rows"]),
+            row_scale=tensors.get("row_scale"),
+            row_offset=tensors.get("row_offset"),
+            outlier_index=np.zeros(0, np.int64) if idx is None else idx.astype(np.int64),
+            outlier_value=np.zeros(0, np.float32) if val is None else np.ascontiguousarray(val),
+            method=str(meta.get("method", "gobo")),
+        )
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, **kw) -> "QuantizedTensor":
+        """Build from unpacked codes (any shape; row-major order is kept)."""
+        return cls(codes=pack_codes(codes, kw["bits"]), **kw)

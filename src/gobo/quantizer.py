@@ -1,0 +1,204 @@
+"""Quantize a model's weights: choose tensors by name pattern, apply a method, collect results.
+
+Pure with respect to files: takes a ``{name: array}`` state and returns a
+:class:`CompressedModel`; :mod:`gobo.io` writes and reads it, :mod:`gobo.hf` deals with
+transformers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from .config import DirectQConfig, GoboConfig
+from .methods import gobo as gobo_method
+from .methods import uniform as uniform_method
+from .qtensor import QuantizedTensor
+
+__all__ = ["CompressedModel", "TensorStats", "allocate_bits", "quantize_state", "select"]
+
+#: default patterns: every weight of an nn.Linear / nn.Embedding (the caller lists those)
+DEFAULT_INCLUDE = ("*",)
+DEFAULT_EXCLUDE: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """What quantization did to one tensor, measured against its FP32 original."""
+
+    shape: tuple[int, ...]
+    bits: int
+    sqnr_db: float  # 10 log10(|w|^2 / |w - q|^2)
+    outlier_fraction: float
+    fp32_bytes: int
+    nbytes: int  # bytes stored for this tensor
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / max(self.nbytes, 1)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(int(np.prod(self.shape)), 1)
+
+
+@dataclass
+class CompressedModel:
+    """Quantized tensors, the tensors kept as they were, and how they were made."""
+
+    quantized: dict[str, QuantizedTensor]
+    dense: dict[str, np.ndarray]
+    config: GoboConfig | DirectQConfig
+    stats: dict[str, TensorStats] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # model_type, sha256 of the source weights, name
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every tensor, quantized ones dequantized (float32), in name order."""
+        out = dict(self.dense)
+        for name, qt in self.quantized.items():
+            out[name] = qt.dequantize()
+        return dict(sorted(out.items()))
+
+    def fp32_bytes(self) -> int:
+        return sum(int(np.prod(q.shape)) * 4 for q in self.quantized.values()) + sum(
+            a.size * 4 if a.dtype.kind == "f" else a.nbytes for a in self.dense.values()
+        )
+
+    def nbytes(self) -> int:
+        return sum(q.nbytes() for q in self.quantized.values()) + sum(a.nbytes for a in self.dense.values())
+
+
+def select(names: Iterable[str], include: Iterable[str] = DEFAULT_INCLUDE, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """Names that match an include glob and no exclude glob (fnmatch syntax), in order."""
+    include, exclude = tuple(include), tuple(exclude)
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+
+
+def sqnr_db(w: np.ndarray, q: np.ndarray) -> float:
+    w = w.astype(np.float64).ravel()
+    e = float(np.sum((w - q.astype(np.float64).ravel()) ** 2))
+    s = float(np.sum(w * w))
+    if e == 0.0:
+        return math.inf
+    return 10.0 * math.log10(s / e) if s > 0 else -math.inf
+
+
+# ---------------------------------------------------------------------------- allocation
+
+
+def allocate_bits(
+    curves: Mapping[str, Mapping[int, float]],
+    sizes: Mapping[str, int],
+    budget_bytes: float,
+    fixed_bytes: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Bits per tensor minimising the sum of relative errors within a byte budget.
+
+    Each tensor's relative error counts once, whatever its size (an error of x% in any
+    layer's output disturbs the network about equally), while its cost is its bytes: codes
+    (``sizes[n] * b / 8``), a codebook of ``2**b`` float32, and ``fixed_bytes[n]`` (row
+    statistics, outliers). Large tensors therefore get fewer bits. Greedy on marginal gain
+    per byte from the lowest width up (optimal for convex curves); ties break by name.
+    """
+    fixed_bytes = fixed_bytes or {}
+    names = sorted(curves)
+
+    def cost(n: str, b: int) -> float:
+        return sizes[n] * b / 8.0 + 4.0 * (1 << b) + fixed_bytes.get(n, 0)
+
+    bits = {n: min(curves[n]) for n in names}
+    left = budget_bytes - sum(cost(n, bits[n]) for n in names)
+    while True:
+        best = None
+        for n in names:
+            b = bits[n]
+            if b + 1 not in curves[n]:
+                continue
+            extra = cost(n, b + 1) - cost(n, b)
+            if extra > left + 1e-9:
+                continue
+            gain = (curves[n][b] - curves[n][b + 1]) / extra
+            if best is None or gain > best[0]:
+                best = (gain, n, extra)
+        if best is None:
+            return bits
+        bits[best[1]] += 1
+        left -= best[2]
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def quantize_state(
+    state: Mapping[str, np.ndarray],
+    names: Iterable[str],
+    config: GoboConfig | DirectQConfig,
+    progress: Callable[[str], None] | None = None,
+) -> CompressedModel:
+    """Quantize ``state[name]`` for each of ``names``; every other tensor is kept as it is.
+
+    ``progress(name)`` is called after each tensor (for progress bars).
+    """
+    names = list(names)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise KeyError(f"no tensor named {missing[0]!r} in the model")
+    for n in names:
+        a = state[n]
+        if a.dtype.kind != "f":
+            raise ValueError(f"{n} is not a floating-point tensor")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{n} holds NaN or infinite values; the model is damaged")
+    if not names:
+        raise ValueError("no weights to quantize: the model has no Linear or Embedding weights matching the patterns")
+
+    def finish(n: str, w: np.ndarray, qt: QuantizedTensor) -> None:
+        quantized[n] = qt
+        stats[n] = TensorStats(
+            shape=tuple(w.shape),
+            bits=qt.bits,
+            sqnr_db=sqnr_db(w, qt.dequantize()),
+            outlier_fraction=qt.n_outliers / max(qt.numel, 1),
+            fp32_bytes=w.size * 4,
+            nbytes=qt.nbytes(),
+        )
+
+    quantized: dict[str, QuantizedTensor] = {}
+    stats: dict[str, TensorStats] = {}
+    arrays = {n: np.asarray(state[n], dtype=np.float32) for n in names}
+    workers = max(1, min(len(names), os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL
+        if isinstance(config, GoboConfig):
+            preps = dict(zip(names, pool.map(lambda n: gobo_method.Prepared(arrays[n], config), names)))
+            if config.allocate == "size":
+                rng = range(config.min_bits, config.max_bits + 1)
+
+                def curve(n: str) -> dict[int, float]:
+                    out = {b: preps[n].distortion(b) for b in rng}
+                    preps[n].release_sorted()
+                    return out
+
+                curves = dict(zip(names, pool.map(curve, names)))
+                sizes = {n: arrays[n].size for n in names}
+                fixed = {n: preps[n].n_outliers * 8 + (preps[n].rows * 4 if config.normalize_rows else 0) for n in names}
+                # all-in budget: everything stored for these tensors fits in `bits` per weight
+                bits_of = allocate_bits(curves, sizes, config.bits * sum(sizes.values()) / 8.0, fixed)
+            else:
+                bits_of = {n: config.bits for n in names}
+            built = pool.map(lambda n: preps[n].build(bits_of[n]), names)
+        elif isinstance(config, DirectQConfig):
+            built = pool.map(lambda n: uniform_method.fit(arrays[n], config.bits), names)
+        else:
+            raise TypeError(f"unsupported config {type(config).__name__}")
+        for n, qt in zip(names, built):
+            finish(n, arrays[n], qt)
+            if progress is not None:
+                progress(n)
+    dense = {k: np.ascontiguousarray(v) for k, v in state.items() if k not in quantized}
+    return CompressedModel(quantized=quantized, dense=dense, config=config, stats=stats)
