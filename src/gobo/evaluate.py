@@ -129,3 +129,66 @@ def timed(fn, *args, **kwargs):
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """The frozen-probe benchmark for one source model: data subset and trained probe."""
+
+    train_texts: tuple[str, ...]
+    train_labels: tuple[int, ...]
+    test_texts: tuple[str, ...]
+    test_labels: tuple[int, ...]
+    probe: Probe
+
+
+def _probe_cache_key(source_sha: str, n_train: int, c: float) -> str:
+    import hashlib
+
+    text = f"probe-v1|{source_sha}|{n_train}|{c}|{MAX_TOKENS}|mean-pool-l2"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def prepare_benchmark(
+    fp32_model,
+    tokenizer,
+    source_sha: str = "",
+    n_train: int | None = None,
+    n_test: int | None = None,
+    c: float = 1.0,
+    progress: Callable[[int], None] | None = None,
+    use_cache: bool = True,
+) -> Benchmark:
+    """Load the corpus, train (or reuse) the probe on FP32 train embeddings.
+
+    The probe depends only on the FP32 model, the train subset and ``c``; it is cached under
+    the gobo cache keyed by the source weights' hash, so repeated evaluations share one
+    frozen head. ``n_train``/``n_test`` take evenly spread subsets (None: everything).
+    """
+    from .assets import cache_dir
+    from .data import load_rotten_tomatoes
+
+    train, test = load_rotten_tomatoes()
+    if n_train is not None:
+        train = train.stride(n_train)
+    if n_test is not None:
+        test = test.stride(n_test)
+    probe = None
+    path = cache_dir() / "probes" / f"{_probe_cache_key(source_sha, len(train), c)}.npz"
+    if use_cache and source_sha and path.is_file():
+        with np.load(path) as z:
+            probe = Probe(coef=z["coef"], intercept=float(z["intercept"]))
+    if probe is None:
+        emb = encode(fp32_model, tokenizer, train.texts, progress=progress)
+        probe = train_probe(emb, train.labels, c=c)
+        if use_cache and source_sha:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, coef=probe.coef, intercept=np.float64(probe.intercept))
+            import os
+
+            os.replace(tmp, path)
+    return Benchmark(train.texts, train.labels, test.texts, test.labels, probe)

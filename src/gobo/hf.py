@@ -32,6 +32,7 @@ def load_source(model_dir: str | os.PathLike):
     from transformers import AutoModel
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     model_dir = Path(model_dir)
     try:
         model = AutoModel.from_pretrained(str(model_dir))

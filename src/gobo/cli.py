@@ -1,0 +1,412 @@
+"""The ``gobo`` command: a thin layer over the Python API.
+
+Every user error ends in one line on stderr (``gobo: error: ...``) and exit status 2;
+``--json`` prints machine-readable results on stdout; ``--quiet`` hides progress bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXAMPLES = {
+    "quantize": "example: gobo quantize minilm-l6 -o out/minilm-3b --bits 3",
+    "inspect": "example: gobo inspect out/minilm-3b",
+    "eval": "example: gobo eval out/minilm-3b --limit 1000",
+    "demo": "example: gobo demo --out out/demo",
+    "models": "example: gobo models fetch mpnet-base",
+    "data": "example: gobo data fetch",
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000.0
+    return f"{n:.2f} GB"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    def line(cells):
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _sqnr(x: float) -> str:
+    return "inf" if math.isinf(x) else ("-" if math.isnan(x) else f"{x:.1f}")
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _print_json(obj) -> None:
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    print(json.dumps(clean(obj), indent=2, default=_json_default))
+
+
+class _Bar:
+    """tqdm progress bar on stderr, or nothing when quiet."""
+
+    def __init__(self, quiet: bool, total: int | None, desc: str, unit: str = "it") -> None:
+        self.bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _model_summary_text(s, path: str) -> str:
+    lines = [
+        f"{path}: {s.method}, {s.n_quantized} tensors quantized ({s.quantized_weights:,} weights), {s.n_dense} kept",
+        f"  code bits (average)   {s.avg_code_bits:.3f}",
+        f"  bits per weight       {s.bits_per_weight:.3f}  (codes, codebooks, row statistics, outliers)",
+        f"  outliers              {100 * s.outlier_fraction:.3f}%",
+        f"  SQNR (min / mean)     {_sqnr(s.min_sqnr_db)} / {_sqnr(s.mean_sqnr_db)} dB",
+        f"  FP32 weights          {_fmt_bytes(s.fp32_bytes)}",
+        f"  compressed file       {_fmt_bytes(s.file_bytes or s.stored_bytes)}",
+        f"  compression ratio     {s.ratio:.2f}x",
+    ]
+    return "\n".join(lines)
+
+
+def _tensor_table(s) -> str:
+    rows = [
+        [
+            t.name,
+            "x".join(map(str, t.shape)),
+            str(t.bits),
+            f"{100 * t.outlier_fraction:.3f}",
+            _sqnr(t.sqnr_db),
+            f"{t.bits_per_weight:.2f}",
+            _fmt_bytes(t.nbytes),
+            f"{t.ratio:.1f}",
+        ]
+        for t in s.tensors
+    ]
+    return _table(["tensor", "shape", "bits", "outl %", "SQNR dB", "bits/w", "bytes", "ratio"], rows)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _cmd_quantize(args) -> int:
+    import gobo
+    from .config import method_config
+    from .io import WEIGHTS_FILE
+    from .report import summarize
+
+    out = Path(args.output)
+    if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; choose another path or pass --force")
+    try:
+        config = method_config(args.method, args.bits)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    t0 = time.perf_counter()
+    with _Bar(args.quiet, None, "quantizing", "tensor") as bar:
+        def progress(name: str, total: int) -> None:
+            if bar.bar is not None:
+                bar.bar.total = total
+                bar.bar.set_postfix_str(name.rsplit(".", 2)[-2] if "." in name else name, refresh=False)
+            bar.update()
+
+        cm = gobo.quantize(args.model, config, include=args.include or ("*",), exclude=args.exclude or (), progress=progress)
+    seconds = time.perf_counter() - t0
+    gobo.save(cm, out, overwrite=args.force)
+    s = summarize(cm, out / WEIGHTS_FILE)
+    if args.json:
+        _print_json({"output": str(out), "seconds": seconds, **s.to_dict()})
+    else:
+        if args.verbose:
+            print(_tensor_table(s))
+            print()
+        print(_model_summary_text(s, str(out)))
+        print(f"  time                  {seconds:.1f} s")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .io import WEIGHTS_FILE, read_compressed
+    from .report import summarize
+
+    cm = read_compressed(args.outdir)
+    s = summarize(cm, Path(args.outdir) / WEIGHTS_FILE)
+    if args.json:
+        _print_json({"source": cm.source, **s.to_dict()})
+    else:
+        print(_tensor_table(s))
+        print()
+        print(_model_summary_text(s, args.outdir))
+        if cm.source:
+            print(f"  source                {cm.source.get('name', '?')} ({cm.source.get('model_type', '?')}), sha256 {cm.source.get('weights_sha256', '?')[:16]}...")
+    return 0
+
+
+def _source_for(cm, override: str | None) -> Path:
+    from .assets import resolve_model
+
+    if override:
+        return resolve_model(override)
+    name = cm.source.get("name")
+    d = cm.source.get("dir")
+    if d and Path(d).is_dir():
+        return Path(d)
+    if name:
+        try:
+            return resolve_model(name)
+        except FileNotFoundError:
+            pass
+    raise UserError("the FP32 source model of this file is not available here; pass it with --source")
+
+
+def evaluate_dirs(outdirs: list[str], source: str | None, limit: int | None, train_limit: int | None, quiet: bool) -> tuple[dict, list[dict]]:
+    """FP32 and each compressed model on the same test texts, one run. Returns (fp32, rows)."""
+    import gobo
+    from transformers import AutoTokenizer
+
+    from .evaluate import compare, encode, prepare_benchmark
+    from .hf import load_source, weights_sha256
+    from .io import WEIGHTS_FILE, read_compressed
+    from .report import summarize
+
+    cms = [read_compressed(d) for d in outdirs]
+    src_dir = _source_for(cms[0], source)
+    sha = weights_sha256(src_dir)
+    for d, cm in zip(outdirs, cms):
+        if cm.source.get("weights_sha256") and cm.source["weights_sha256"] != sha:
+            raise UserError(f"{d} was made from other weights than {src_dir}; pass the right --source")
+    tok = AutoTokenizer.from_pretrained(str(src_dir))
+    fp32 = load_source(src_dir)
+    with _Bar(quiet, None, "probe (FP32 train)", "text") as bar:
+        bench = prepare_benchmark(fp32, tok, source_sha=sha, n_train=train_limit, n_test=limit, progress=bar.update)
+    with _Bar(quiet, len(bench.test_texts), "FP32 test", "text") as bar:
+        t = time.perf_counter()
+        e32 = encode(fp32, tok, bench.test_texts, progress=bar.update)
+        s32 = time.perf_counter() - t
+    del fp32
+    rows = []
+    fp32_bytes = None
+    for d, cm in zip(outdirs, cms):
+        model = gobo.load(d)
+        with _Bar(quiet, len(bench.test_texts), f"{Path(d).name} test", "text") as bar:
+            t = time.perf_counter()
+            eq = encode(model, tok, bench.test_texts, progress=bar.update)
+            sq = time.perf_counter() - t
+        r = compare(bench.probe, e32, eq, bench.test_labels, s32, sq)
+        s = summarize(cm, Path(d) / WEIGHTS_FILE)
+        fp32_bytes = s.fp32_bytes
+        rows.append({"model": d, "method": s.method, "avg_code_bits": s.avg_code_bits, "bits_per_weight": s.bits_per_weight,
+                     "file_bytes": s.file_bytes, "ratio": s.ratio, **r.to_dict()})
+    fp = {"model": "FP32", "source": str(src_dir), "accuracy": rows[0]["fp32_accuracy"], "n_test": rows[0]["n_test"],
+          "n_train": len(bench.train_texts), "file_bytes": fp32_bytes, "seconds": s32}
+    return fp, rows
+
+
+def _eval_table(fp: dict, rows: list[dict]) -> str:
+    table = [["FP32", "32", f"{100 * fp['accuracy']:.2f}", "-", "100.00", "1.0000", _fmt_bytes(fp["file_bytes"]), "1.0x"]]
+    for r in rows:
+        table.append([
+            f"{Path(r['model']).name} ({r['method']})",
+            f"{r['bits_per_weight']:.2f}",
+            f"{100 * r['accuracy']:.2f}",
+            f"{100 * r['accuracy_delta']:+.2f}",
+            f"{100 * r['agreement']:.2f}",
+            f"{r['mean_cosine']:.4f}",
+            _fmt_bytes(r["file_bytes"]),
+            f"{r['ratio']:.2f}x",
+        ])
+    head = f"Rotten Tomatoes, frozen probe: {fp['n_test']} test texts, probe trained on {fp['n_train']} FP32 train embeddings"
+    return head + "\n" + _table(["model", "bits/w", "acc %", "delta", "agree %", "cosine", "size", "ratio"], table)
+
+
+def _cmd_eval(args) -> int:
+    fp, rows = evaluate_dirs(args.outdirs, args.source, args.limit, args.train_limit, args.quiet)
+    if args.json:
+        _print_json({"fp32": fp, "results": rows})
+    else:
+        print(_eval_table(fp, rows))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    import gobo
+    from .config import method_config
+
+    base = Path(args.out)
+    outs = []
+    for method in args.methods:
+        d = base / f"minilm-l6-{method}-{args.bits}b"
+        cfg = method_config(method, args.bits)
+        with _Bar(args.quiet, None, f"quantizing ({method})", "tensor") as bar:
+            cm = gobo.quantize("minilm-l6", cfg, progress=lambda n, t: bar.update())
+        gobo.save(cm, d, overwrite=True)
+        outs.append(str(d))
+    fp, rows = evaluate_dirs(outs, "minilm-l6", args.limit, None, args.quiet)
+    if args.json:
+        _print_json({"fp32": fp, "results": rows})
+    else:
+        print(_eval_table(fp, rows))
+        print(f"\ncompressed models: {', '.join(outs)}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .assets import BUNDLED_MODELS, fetch_model, resolve_model
+
+    if args.action == "list":
+        rows = []
+        for name, desc in BUNDLED_MODELS.items():
+            try:
+                where = str(resolve_model(name))
+            except FileNotFoundError:
+                where = f"not fetched (gobo models fetch {name})"
+            rows.append({"name": name, "description": desc, "path": where})
+        if args.json:
+            _print_json(rows)
+        else:
+            print(_table(["name", "description", "path"], [[r["name"], r["description"], r["path"]] for r in rows]))
+        return 0
+    if args.name not in BUNDLED_MODELS:
+        raise UserError(f"unknown model {args.name!r}; choose one of: {', '.join(BUNDLED_MODELS)}")
+    path = fetch_model(args.name, force=args.force)
+    print(str(path))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .assets import fetch_dataset
+
+    print(str(fetch_dataset(force=args.force)))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gobo", description="Compress BERT-family encoders after training (GOBO, DirectQ) and check what it cost.")
+    p.add_argument("--version", action="version", version="gobo 0.1.0")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name), formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return sp
+
+    q = add("quantize", "quantize a model and write a compressed model directory")
+    q.add_argument("model", help="local model directory, or a bundled model: minilm-l6, mpnet-base")
+    q.add_argument("-o", "--output", required=True, help="output directory (must not exist, or be empty, unless --force)")
+    q.add_argument("--bits", type=int, default=3, help="bits per weight, 1-8 (default 3)")
+    q.add_argument("--method", default="gobo", choices=["gobo", "gobo-paper", "directq"], help="gobo (default: data-free improvements), gobo-paper (the paper's recipe), directq (uniform per-row)")
+    q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
+    q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")
+    q.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q.add_argument("-v", "--verbose", action="store_true", help="also print the per-tensor table")
+    q.set_defaults(fn=_cmd_quantize)
+
+    i = add("inspect", "print the per-tensor table of a compressed model, from the file alone")
+    i.add_argument("outdir")
+    i.set_defaults(fn=_cmd_inspect)
+
+    e = add("eval", "FP32 vs compressed on the Rotten Tomatoes frozen-probe benchmark")
+    e.add_argument("outdirs", nargs="+", metavar="OUTDIR")
+    e.add_argument("--source", help="FP32 source model (default: the one recorded in the file)")
+    e.add_argument("--limit", type=int, help="evaluate on this many test texts, spread over the split (default: all)")
+    e.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
+    e.set_defaults(fn=_cmd_eval)
+
+    d = add("demo", "quantize the default model at 3 bits, evaluate it against FP32, print the table")
+    d.add_argument("--out", default="out/demo", help="where the compressed models go (default out/demo)")
+    d.add_argument("--bits", type=int, default=3)
+    d.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq"], choices=["gobo", "gobo-paper", "directq"])
+    d.add_argument("--limit", type=int, help="test texts (default: all)")
+    d.set_defaults(fn=_cmd_demo)
+
+    m = add("models", "list or fetch the bundled models")
+    m.add_argument("action", choices=["list", "fetch"])
+    m.add_argument("name", nargs="?", default="minilm-l6")
+    m.add_argument("--force", action="store_true", help="fetch again even if present")
+    m.set_defaults(fn=_cmd_models)
+
+    da = add("data", "fetch the Rotten Tomatoes corpus into the cache")
+    da.add_argument("action", choices=["fetch"])
+    da.add_argument("--force", action="store_true")
+    da.set_defaults(fn=_cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    if getattr(args, "bits", 3) is not None and not 1 <= getattr(args, "bits", 3) <= 8:
+        print(f"gobo: error: --bits must be from 1 to 8, got {args.bits}", file=sys.stderr)
+        return 2
+    from .io import FormatError
+
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        msg = str(exc)
+    except FormatError as exc:
+        msg = str(exc)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
+        msg = str(exc) if not getattr(exc, "filename", None) or str(exc).startswith("[Errno") is False else f"{exc.strerror}: {exc.filename}"
+    except (ValueError, KeyError, RuntimeError, MemoryError) as exc:
+        msg = str(exc).strip("'\"")
+    except KeyboardInterrupt:
+        print("gobo: interrupted; no output was written", file=sys.stderr)
+        return 130
+    print(f"gobo: error: {msg.splitlines()[0] if msg else 'failed'}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Summaries of a compressed model as plain data (the CLI renders them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .quantizer import CompressedModel
+
+__all__ = ["ModelSummary", "TensorRow", "summarize"]
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    name: str
+    shape: tuple[int, ...]
+    bits: int
+    outlier_fraction: float
+    sqnr_db: float
+    fp32_bytes: int
+    nbytes: int
+    bits_per_weight: float
+    ratio: float
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    method: str
+    config: dict
+    n_quantized: int
+    n_dense: int
+    quantized_weights: int
+    fp32_bytes: int  # bytes of every tensor as FP32 (the original weights)
+    stored_bytes: int  # bytes of every stored array
+    file_bytes: int  # size of the compressed file (0 if not written)
+    ratio: float  # fp32_bytes / file_bytes (or / stored_bytes when no file)
+    avg_code_bits: float  # average code width over quantized weights
+    bits_per_weight: float  # stored bits per quantized weight, everything included
+    outlier_fraction: float
+    min_sqnr_db: float
+    mean_sqnr_db: float
+    tensors: tuple[TensorRow, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tensors"] = [asdict(t) for t in self.tensors]
+        return d
+
+
+def summarize(cm: CompressedModel, file_path: str | Path | None = None) -> ModelSummary:
+    from .config import config_to_json
+
+    rows = []
+    n_w = n_out = 0
+    code_bits = 0
+    for name in sorted(cm.quantized):
+        qt = cm.quantized[name]
+        st = cm.stats.get(name)
+        sq = st.sqnr_db if st else float("nan")
+        rows.append(
+            TensorRow(
+                name=name,
+                shape=qt.shape,
+                bits=qt.bits,
+                outlier_fraction=qt.n_outliers / max(qt.numel, 1),
+                sqnr_db=sq,
+                fp32_bytes=qt.numel * 4,
+                nbytes=qt.nbytes(),
+                bits_per_weight=qt.bits_per_weight(),
+                ratio=qt.numel * 4 / max(qt.nbytes(), 1),
+            )
+        )
+        n_w += qt.numel
+        n_out += qt.n_outliers
+        code_bits += qt.numel * qt.bits
+    file_bytes = Path(file_path).stat().st_size if file_path else 0
+    stored = cm.nbytes()
+    fp32 = cm.fp32_bytes()
+    sqnrs = [r.sqnr_db for r in rows if math.isfinite(r.sqnr_db)]
+    cfg = config_to_json(cm.config)
+    method = cfg["type"]
+    if method == "gobo" and not cfg["data"].get("normalize_rows") and cfg["data"].get("allocate") == "uniform":
+        method = "gobo-paper"
+    return ModelSummary(
+        method=method,
+        config=cfg,
+        n_quantized=len(cm.quantized),
+        n_dense=len(cm.dense),
+        quantized_weights=n_w,
+        fp32_bytes=fp32,
+        stored_bytes=stored,
+        file_bytes=file_bytes,
+        ratio=fp32 / max(file_bytes or stored, 1),
+        avg_code_bits=code_bits / max(n_w, 1),
+        bits_per_weight=8.0 * sum(r.nbytes for r in rows) / max(n_w, 1),
+        outlier_fraction=n_out / max(n_w, 1),
+        min_sqnr_db=min(sqnrs) if sqnrs else float("nan"),
+        mean_sqnr_db=float(np.mean(sqnrs)) if sqnrs else float("nan"),
+        tensors=tuple(rows),
+    )
