@@ -83,7 +83,7 @@ class _Bar:
         if not quiet:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)  # off when stderr is not a terminal
 
     def update(self, n: int = 1) -> None:
         if self.bar is not None:

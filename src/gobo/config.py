@@ -35,6 +35,7 @@ class GoboConfig:
     min_bits: int = 2  # bounds for the size-aware allocation
     max_bits: int = 6
     max_iter: int = 200  # refinement iterations at most
+    size_exponent: float = 0.0  # allocation: a tensor's error weighs (weights)**size_exponent
     version: int = 1
 
     def __post_init__(self) -> None:

@@ -137,7 +137,7 @@ def read_header(outdir: str | os.PathLike) -> tuple[dict, Path]:
     except Exception as exc:  # safetensors raises its own error types for damaged headers
         raise FormatError(f"{path} is damaged or truncated ({exc}); quantize the model again") from None
     if meta.get("format") != "gobo":
-        raise FormatError(f"{path} is not a gobo file")
+        raise FormatError(f"{path} is not a gobo file (no gobo metadata); point to a directory written by 'gobo quantize'")
     try:
         version = int(meta.get("format_version", "0"))
     except ValueError:
@@ -165,7 +165,7 @@ def read_compressed(outdir: str | os.PathLike) -> CompressedModel:
     except Exception as exc:
         raise FormatError(f"{path} is damaged or truncated ({exc}); quantize the model again") from None
     if _payload_digest(tensors) != header.get("payload_sha256"):
-        raise FormatError(f"{path} does not match its checksum: the file was modified or damaged")
+        raise FormatError(f"{path} does not match its checksum: the file was modified or damaged; quantize the model again")
     try:
         config = config_from_json(header["config"])
     except (KeyError, ValueError, TypeError) as exc:

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["available", "kmeans1d_exact", "lib"]
+__all__ = ["available", "kmeans1d_exact", "lib", "pack_codes", "unpack_codes"]
 
 
 @lru_cache(maxsize=1)
@@ -23,7 +23,21 @@ def lib() -> ctypes.CDLL:
     f = so.gobo_kmeans1d_exact
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("gobo_pack_codes", "gobo_unpack_codes"):
+        g = getattr(so, name)
+        g.restype = None
+        g.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p]
     return so
+
+
+def pack_codes(codes: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """Native version of :func:`gobo.packing.pack_codes` (arguments already checked)."""
+    lib().gobo_pack_codes(codes.ctypes.data, codes.size, bits, out.ctypes.data)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, n: int, out: np.ndarray) -> None:
+    """Native version of :func:`gobo.packing.unpack_codes` (arguments already checked)."""
+    lib().gobo_unpack_codes(packed.ctypes.data, n, bits, out.ctypes.data)
 
 
 def available() -> bool:

@@ -18,7 +18,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["packed_nbytes", "pack_codes", "unpack_codes"]
+__all__ = ["packed_nbytes", "pack_codes", "unpack_codes", "pack_codes_reference", "unpack_codes_reference"]
+
+#: above this many codes the compiled routine is used when it is available
+_NATIVE_MIN = 4096
+
+
+def _native():
+    try:
+        from . import native
+
+        return native if native.available() else None
+    except ImportError:  # pragma: no cover - the extension is part of the install
+        return None
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -33,6 +45,21 @@ def _check_bits(bits: int) -> None:
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned integer codes (each < 2**bits) into a uint8 array."""
+    _check_bits(bits)
+    codes = np.ascontiguousarray(codes).reshape(-1)
+    nat = _native() if codes.size >= _NATIVE_MIN else None
+    if nat is not None:
+        if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+            raise ValueError(f"a code does not fit in {bits} bits")
+        c8 = np.ascontiguousarray(codes, dtype=np.uint8)
+        out = np.empty(packed_nbytes(c8.size, bits), dtype=np.uint8)
+        nat.pack_codes(c8, int(bits), out)
+        return out
+    return pack_codes_reference(codes, bits)
+
+
+def pack_codes_reference(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pure-numpy :func:`pack_codes` (the reference the compiled routine is tested against)."""
     _check_bits(bits)
     codes = np.ascontiguousarray(codes).reshape(-1)
     if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
@@ -57,6 +84,21 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: ``n`` codes as uint8."""
+    nat = _native() if n >= _NATIVE_MIN else None
+    if nat is not None:
+        _check_bits(bits)
+        packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+        need = packed_nbytes(n, bits)
+        if packed.size != need:
+            raise ValueError(f"{n} codes of {bits} bits need {need} bytes, got {packed.size}")
+        out = np.empty(n, dtype=np.uint8)
+        nat.unpack_codes(packed, int(bits), int(n), out)
+        return out
+    return unpack_codes_reference(packed, bits, n)
+
+
+def unpack_codes_reference(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Pure-numpy :func:`unpack_codes`."""
     _check_bits(bits)
     packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
     need = packed_nbytes(n, bits)

@@ -81,9 +81,10 @@ def select(names: Iterable[str], include: Iterable[str] = DEFAULT_INCLUDE, exclu
 
 
 def sqnr_db(w: np.ndarray, q: np.ndarray) -> float:
-    w = w.astype(np.float64).ravel()
-    e = float(np.sum((w - q.astype(np.float64).ravel()) ** 2))
-    s = float(np.sum(w * w))
+    w = np.asarray(w, dtype=np.float32).ravel()
+    d = w - np.asarray(q, dtype=np.float32).ravel()
+    e = float(np.dot(d.astype(np.float64), d.astype(np.float64))) if d.size < 1 << 20 else float(np.sum(np.square(d), dtype=np.float64))
+    s = float(np.sum(np.square(w), dtype=np.float64))
     if e == 0.0:
         return math.inf
     return 10.0 * math.log10(s / e) if s > 0 else -math.inf
@@ -97,6 +98,7 @@ def allocate_bits(
     sizes: Mapping[str, int],
     budget_bytes: float,
     fixed_bytes: Mapping[str, int] | None = None,
+    size_exponent: float = 0.0,
 ) -> dict[str, int]:
     """Bits per tensor minimising the sum of relative errors within a byte budget.
 
@@ -123,7 +125,7 @@ def allocate_bits(
             extra = cost(n, b + 1) - cost(n, b)
             if extra > left + 1e-9:
                 continue
-            gain = (curves[n][b] - curves[n][b + 1]) / extra
+            gain = (curves[n][b] - curves[n][b + 1]) * sizes[n] ** size_exponent / extra
             if best is None or gain > best[0]:
                 best = (gain, n, extra)
         if best is None:
@@ -188,7 +190,7 @@ def quantize_state(
                 sizes = {n: arrays[n].size for n in names}
                 fixed = {n: preps[n].n_outliers * 8 + (preps[n].rows * 4 if config.normalize_rows else 0) for n in names}
                 # all-in budget: everything stored for these tensors fits in `bits` per weight
-                bits_of = allocate_bits(curves, sizes, config.bits * sum(sizes.values()) / 8.0, fixed)
+                bits_of = allocate_bits(curves, sizes, config.bits * sum(sizes.values()) / 8.0, fixed, config.size_exponent)
             else:
                 bits_of = {n: config.bits for n in names}
             built = pool.map(lambda n: preps[n].build(bits_of[n]), names)

@@ -106,6 +106,42 @@ GOBO_API int gobo_kmeans1d_exact(const double *x, int64_t n, int32_t k, double *
     return 0;
 }
 
+/* Bit packing, format v1 (see gobo/packing.py): code i occupies stream bits [i*b, (i+1)*b),
+ * LSB first; stream bit j is bit j % 8 of byte j / 8. out must hold ceil(n*b/8) bytes. */
+GOBO_API void gobo_pack_codes(const uint8_t *codes, int64_t n, int32_t bits, uint8_t *out) {
+    int64_t nbytes = (n * bits + 7) / 8;
+    memset(out, 0, (size_t)nbytes);
+    uint64_t acc = 0;
+    int filled = 0;
+    int64_t o = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        acc |= (uint64_t)codes[i] << filled;
+        filled += bits;
+        while (filled >= 8) {
+            out[o++] = (uint8_t)(acc & 0xFF);
+            acc >>= 8;
+            filled -= 8;
+        }
+    }
+    if (filled > 0) out[o++] = (uint8_t)(acc & 0xFF);
+}
+
+GOBO_API void gobo_unpack_codes(const uint8_t *packed, int64_t n, int32_t bits, uint8_t *out) {
+    uint64_t acc = 0;
+    int have = 0;
+    int64_t p = 0;
+    const uint64_t mask = (1u << bits) - 1u;
+    for (int64_t i = 0; i < n; ++i) {
+        while (have < bits) {
+            acc |= (uint64_t)packed[p++] << have;
+            have += 8;
+        }
+        out[i] = (uint8_t)(acc & mask);
+        acc >>= bits;
+        have -= bits;
+    }
+}
+
 /* A Python module with no methods, so the shared object is an importable extension. */
 static struct PyModuleDef gobo_native_module = {PyModuleDef_HEAD_INIT, "_native", "gobo native routines (ctypes)", -1, NULL};
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&gobo_native_module); }

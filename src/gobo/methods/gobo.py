@@ -34,8 +34,8 @@ def gaussian_outlier_mask(w: np.ndarray, threshold: float) -> np.ndarray:
     The density is that of the fitted Gaussian, so the cut in standard deviations depends on
     the std itself: ``|z| > sqrt(2 * (-threshold - log(std) - log(sqrt(2 pi))))``.
     """
-    mu = float(w.mean())
-    sigma = float(w.std())
+    mu = float(w.mean(dtype=np.float64))
+    sigma = float(w.std(dtype=np.float64))
     if not sigma > 0.0:
         return np.zeros(w.shape, dtype=bool)
     # log N(w) < t  <=>  z^2 > 2 (-t - log sigma - log sqrt(2 pi))
@@ -49,13 +49,13 @@ def gaussian_outlier_mask(w: np.ndarray, threshold: float) -> np.ndarray:
 def _prefix(x: np.ndarray) -> np.ndarray:
     p = np.empty(x.size + 1, dtype=np.float64)
     p[0] = 0.0
-    np.cumsum(x, out=p[1:])
+    np.cumsum(x, dtype=np.float64, out=p[1:])
     return p
 
 
 def _bounds(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Cluster boundaries in sorted ``x`` for nearest-centroid assignment (ties go low)."""
-    mids = (c[:-1] + c[1:]) * 0.5
+    mids = ((c[:-1] + c[1:]) * 0.5).astype(x.dtype)  # same dtype: no copy of x
     b = np.empty(c.size + 1, dtype=np.int64)
     b[0] = 0
     b[-1] = x.size
@@ -87,7 +87,7 @@ def _fill_empty(c: np.ndarray, x: np.ndarray) -> np.ndarray:
 def l1_error(x: np.ndarray, c: np.ndarray, p: np.ndarray) -> float:
     """Sum of |x - nearest centroid| over sorted ``x`` (prefix sums ``p``)."""
     b = _bounds(x, c)
-    s = np.clip(np.searchsorted(x, c, side="left"), b[:-1], b[1:])
+    s = np.clip(np.searchsorted(x, c.astype(x.dtype), side="left"), b[:-1], b[1:])
     lo, hi = b[:-1], b[1:]
     left = c * (s - lo) - (p[s] - p[lo])
     right = (p[hi] - p[s]) - c * (hi - s)
@@ -170,7 +170,7 @@ def cluster_sorted(x: np.ndarray, k: int, clustering: str, max_iter: int = 200) 
 
 def assign(w: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid (ascending ``c``; ties go to the lower one)."""
-    mids = (c[:-1] + c[1:]) * 0.5
+    mids = ((np.asarray(c, dtype=np.float64)[:-1] + np.asarray(c, dtype=np.float64)[1:]) * 0.5).astype(w.dtype)
     return np.searchsorted(mids, w, side="left").astype(np.uint8)
 
 
@@ -190,15 +190,15 @@ class Prepared:
         self.config = config
         self.w32 = w32
         self.rows = w32.shape[0] if w32.ndim > 1 else 1
-        w2 = w32.reshape(self.rows, -1).astype(np.float64)
+        w2 = w32.reshape(self.rows, -1)
         mask = gaussian_outlier_mask(w2.reshape(-1), config.outlier_threshold).reshape(w2.shape)
         if mask.all():  # degenerate: keep something to cluster
             mask[:] = False
         self.mask = mask
         self.row_scale = self.row_offset = None
         if config.normalize_rows:
-            mu = w2.mean(axis=1)
-            sd = w2.std(axis=1)
+            mu = w2.mean(axis=1, dtype=np.float64)
+            sd = w2.std(axis=1, dtype=np.float64)
             # float16 statistics: half the bytes; the codebook absorbs their rounding
             off = mu.astype(np.float16)
             sc = np.where(sd > 0, sd, 1.0).astype(np.float16)
@@ -207,11 +207,13 @@ class Prepared:
                 sc = np.where(sd > 0, sd, 1.0).astype(np.float32)
             self.row_offset, self.row_scale = off, sc
             # normalise with the stored statistics so that encoding and decoding agree
-            self.z = (w2 - off[:, None].astype(np.float64)) / sc[:, None].astype(np.float64)
-            self.energy = float(np.sum((w2 / sc[:, None].astype(np.float64)) ** 2))
+            off32 = off.astype(np.float32)[:, None]
+            sc32 = sc.astype(np.float32)[:, None]
+            self.z = (w2 - off32) / sc32  # float32, as decoding works in float32
+            self.energy = float(np.sum(np.square(w2 / sc32), dtype=np.float64))
         else:
             self.z = w2
-            self.energy = float(np.sum(w2 * w2))
+            self.energy = float(np.sum(np.square(w2), dtype=np.float64))
         self.x = np.sort(self.z[~mask])
         self.p = _prefix(self.x)
         self._q: np.ndarray | None = None  # prefix sums of x^2, made on first use
@@ -246,7 +248,7 @@ class Prepared:
         from ..qtensor import QuantizedTensor
 
         cent = self.centroids(bits)
-        codes = assign(self.z.reshape(-1), cent.astype(np.float64))
+        codes = assign(self.z.reshape(-1), cent)
         out_idx = np.flatnonzero(self.mask.reshape(-1)).astype(np.int64)
         out_val = self.w32.reshape(-1)[out_idx].copy()
         codes[out_idx] = 0  # unused under an outlier; zero keeps files canonical

@@ -1,0 +1,86 @@
+"""Quantization time against encoding time, measured in one run on the same machine.
+
+The target: quantizing a model takes less time than encoding 256 test sentences with it.
+Prints a table and writes JSON (speed as a ratio against the encoding baseline).
+
+    .venv/bin/python bench/bench_quantize.py --models minilm-l6 mpnet-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"])
+    ap.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq"])
+    ap.add_argument("--sentences", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=2, help="best of N for each timing")
+    ap.add_argument("--out", default="bench/results/quantize.json")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from gobo.assets import resolve_model
+    from gobo.config import method_config
+    from gobo.data import load_rotten_tomatoes
+    from gobo.evaluate import encode
+    from gobo.hf import load_source, quantizable_names, state_numpy
+    from gobo.quantizer import quantize_state
+
+    _, test = load_rotten_tomatoes()
+    texts = list(test.texts[: args.sentences])
+    results = []
+    for name in args.models:
+        try:
+            path = resolve_model(name)
+        except FileNotFoundError as exc:
+            print(f"skipping {name}: {exc}", file=sys.stderr)
+            continue
+        model = load_source(path)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        state = state_numpy(model)
+        names = quantizable_names(model)
+        enc = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            encode(model, tok, texts, batch_size=32)
+            enc.append(time.perf_counter() - t)
+        row = {"model": name, "threads": torch.get_num_threads(), "encode_seconds": min(enc), "sentences": len(texts)}
+        for method in args.methods:
+            cfg = method_config(method, 3)
+            qs = []
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                quantize_state(state, names, cfg)
+                qs.append(time.perf_counter() - t)
+            row[f"{method}_seconds"] = min(qs)
+            row[f"{method}_ratio_to_encode"] = min(qs) / min(enc)
+        results.append(row)
+
+    head = ["model", "threads", f"encode {args.sentences} (s)"] + [f"{m} (s, x encode)" for m in args.methods]
+    lines = [head]
+    for r in results:
+        lines.append([r["model"], str(r["threads"]), f"{r['encode_seconds']:.2f}"]
+                     + [f"{r[m + '_seconds']:.2f} ({r[m + '_ratio_to_encode']:.2f}x)" for m in args.methods])
+    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    for l in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(l, widths)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
