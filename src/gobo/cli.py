@@ -26,6 +26,13 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"gobo: error: {message} (see 'gobo {self.prog.split()[-1] if ' ' in self.prog else ''} --help')\n".replace("gobo  --help", "gobo --help"))
+
+
 class UserError(Exception):
     """A problem with the user's input: reported as one line, no traceback."""
 
@@ -329,7 +336,7 @@ def _cmd_data(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gobo", description="Compress BERT-family encoders after training (GOBO, DirectQ) and check what it cost.")
+    p = _Parser(prog="gobo", description="Compress BERT-family encoders after training (GOBO, DirectQ) and check what it cost.")
     p.add_argument("--version", action="version", version="gobo 0.1.0")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -51,6 +51,22 @@ def _payload_digest(tensors: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _canonical_safetensors(data: bytes) -> bytes:
+    """Same file with the header's metadata keys sorted: equal inputs give equal bytes.
+
+    safetensors orders the metadata map arbitrarily; the header keeps its length (padded
+    with spaces, as the format allows), so the tensor offsets are unchanged.
+    """
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8 : 8 + n])
+    if "__metadata__" in head:
+        head["__metadata__"] = dict(sorted(head["__metadata__"].items()))
+    text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # cannot happen: same content, compact separators
+        raise RuntimeError("safetensors header grew while sorting its metadata")
+    return data[:8] + text.ljust(n, b" ") + data[8 + n :]
+
+
 def _stats_json(s: TensorStats) -> dict:
     return {
         "sqnr_db": None if not np.isfinite(s.sqnr_db) else round(float(s.sqnr_db), 6),
@@ -76,7 +92,7 @@ def write_compressed(cm: CompressedModel, outdir: str | os.PathLike, source_dir:
     Everything is written into a temporary sibling directory that is renamed into place at
     the end, so an interrupted or failed write leaves no partial output.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     outdir = Path(outdir)
     if outdir.exists() and not overwrite:
@@ -108,7 +124,7 @@ def write_compressed(cm: CompressedModel, outdir: str | os.PathLike, source_dir:
     try:
         if source_dir is not None:
             _copy_side_files(Path(source_dir), tmp)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        (tmp / WEIGHTS_FILE).write_bytes(_canonical_safetensors(save(tensors, metadata=metadata)))
         if outdir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".old", dir=parent))
             os.replace(outdir, old / "x")

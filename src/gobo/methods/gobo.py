@@ -199,18 +199,21 @@ class Prepared:
         if config.normalize_rows:
             mu = w2.mean(axis=1, dtype=np.float64)
             sd = w2.std(axis=1, dtype=np.float64)
-            # float16 statistics: half the bytes; the codebook absorbs their rounding
+            # float16 statistics: half the bytes; the codebook absorbs their rounding. A
+            # constant row (std 0) gets scale 0 and decodes to exactly its mean, so zero
+            # padding rows stay zero; float32 then keeps that mean exact.
             off = mu.astype(np.float16)
-            sc = np.where(sd > 0, sd, 1.0).astype(np.float16)
-            if not (np.isfinite(off).all() and np.isfinite(sc).all() and (sc > 0).all()):
-                off = mu.astype(np.float32)  # outside float16's range: keep float32
-                sc = np.where(sd > 0, sd, 1.0).astype(np.float32)
+            sc = sd.astype(np.float16)
+            if (sd == 0).any() or not (np.isfinite(off).all() and np.isfinite(sc).all() and (sc >= 0).all()):
+                off = mu.astype(np.float32)
+                sc = sd.astype(np.float32)
             self.row_offset, self.row_scale = off, sc
             # normalise with the stored statistics so that encoding and decoding agree
             off32 = off.astype(np.float32)[:, None]
             sc32 = sc.astype(np.float32)[:, None]
-            self.z = (w2 - off32) / sc32  # float32, as decoding works in float32
-            self.energy = float(np.sum(np.square(w2 / sc32), dtype=np.float64))
+            safe = np.where(sc32 > 0, sc32, np.float32(1.0))
+            self.z = np.where(sc32 > 0, (w2 - off32) / safe, np.float32(0.0)).astype(np.float32)
+            self.energy = float(np.sum(np.square(np.where(sc32 > 0, w2 / safe, np.float32(0.0))), dtype=np.float64))
         else:
             self.z = w2
             self.energy = float(np.sum(np.square(w2), dtype=np.float64))
