@@ -30,12 +30,12 @@ class GoboConfig:
     bits: int = 3  # code bits per weight; with allocate="size", the average over weights
     outlier_threshold: float = -4.0  # log-density below which a weight is an outlier (kept FP32)
     clustering: str = "l1"  # "l1" (paper: stop when the L1 error stops falling), "lloyd", "exact"
-    normalize_rows: bool = True  # cluster (w - row mean) / row std; stores 2 floats per row
+    normalize_rows: bool = False  # cluster (w - row mean) / row std; stores 2 float16 per row
     allocate: str = "size"  # "uniform": every tensor at `bits`; "size": data-free mixed bits, same total
     min_bits: int = 2  # bounds for the size-aware allocation
     max_bits: int = 6
     max_iter: int = 200  # refinement iterations at most
-    size_exponent: float = 0.0  # allocation: a tensor's error weighs (weights)**size_exponent
+    size_exponent: float = 0.5  # allocation: a tensor's relative error weighs (its weights)**size_exponent
     version: int = 1
 
     def __post_init__(self) -> None:
