@@ -64,9 +64,19 @@ def load_compressed(outdir: str | os.PathLike) -> CompressedModel:
     return read_compressed(outdir)
 
 
-def load(outdir: str | os.PathLike):
-    """A transformers model in eval mode whose weights are the dequantized values."""
+def load(outdir: str | os.PathLike, *, packed: bool = False):
+    """A transformers model in eval mode whose weights are the dequantized values.
+
+    With ``packed=True`` the quantized weights stay packed in memory: every quantized
+    nn.Linear / nn.Embedding is replaced by :class:`gobo.nn.QuantLinear` /
+    :class:`gobo.nn.QuantEmbedding`, which decode on the fly (CPU kernels in
+    :mod:`gobo.kernels`); outputs match the dequantized model's.
+    """
+    cm = load_compressed(outdir)
+    if packed:
+        from .nn import build_packed_model
+
+        return build_packed_model(outdir, cm)
     from .hf import build_model
 
-    cm = load_compressed(outdir)
     return build_model(outdir, cm.state_dict())

@@ -1,0 +1,283 @@
+"""Modules that keep their weights packed: QuantLinear, QuantEmbedding, and the module swap.
+
+A swapped model holds, per quantized weight, only what the file stores (packed uint8 codes,
+codebook(s), optional per-row scale/offset, outlier positions and values) plus the FP32 bias;
+no FP32 copy of a quantized weight stays resident. Forward passes decode tiles of rows (a
+Linear) or just the looked-up rows (an Embedding) on the fly with :mod:`gobo.kernels`.
+
+Modules are matched to quantized tensors by their state-dict names (``NAME.weight``), so the
+swap works on any module tree without knowing an architecture's layer names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import kernels
+from .qtensor import QuantizedTensor
+
+__all__ = ["QuantEmbedding", "QuantLinear", "build_packed_model", "resident_weight_bytes", "swap_modules"]
+
+_FIELDS = ("codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value")
+
+
+class _Packed(nn.Module):
+    """Shared buffer handling of the two packed modules."""
+
+    #: class-wide switch to the pure reference path (dequantize everything, then compute)
+    use_reference: bool = False
+
+    def _register_packed(self, p: kernels.Packed) -> None:
+        self.rows, self.cols, self.bits, self.group_rows = p.rows, p.cols, p.bits, p.group_rows
+        for name in _FIELDS:
+            self.register_buffer(name, getattr(p, name))
+        self._qmat_key: tuple | None = None
+        self._qmat: kernels.QMat | None = None
+
+    def packed(self) -> kernels.Packed:
+        """The module's buffers as a :class:`gobo.kernels.Packed` (no copies)."""
+        return kernels.Packed(
+            rows=self.rows,
+            cols=self.cols,
+            bits=self.bits,
+            group_rows=self.group_rows,
+            codes=self.codes,
+            codebook=self.codebook,
+            row_scale=self.row_scale,
+            row_offset=self.row_offset,
+            outlier_index=self.outlier_index,
+            outlier_value=self.outlier_value,
+        )
+
+    def _cached_qmat(self, p: kernels.Packed) -> kernels.QMat:
+        # the C view holds raw pointers: rebuild it whenever a buffer was replaced or moved
+        key = tuple(None if t is None else (t.data_ptr(), t.dtype) for t in (p.codes, p.codebook, p.row_scale, p.row_offset, p.outlier_index, p.outlier_value))
+        if key != self._qmat_key:
+            self._qmat = kernels._qmat(p)
+            self._qmat_key = key
+        return self._qmat
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (a temporary: the module never keeps it)."""
+        return self.packed().dequantize()
+
+    def packed_nbytes(self) -> int:
+        return self.packed().nbytes()
+
+    def _packed_repr(self) -> str:
+        groups = self.codebook.shape[0]
+        stats = "none" if self.row_scale is None and self.row_offset is None else str(
+            (self.row_scale if self.row_scale is not None else self.row_offset).dtype
+        ).replace("torch.", "")
+        return f"bits={self.bits}, codebooks={groups}, outliers={self.outlier_index.numel()}, row_stats={stats}"
+
+
+class QuantLinear(_Packed):
+    """``nn.Linear`` whose weight stays packed; ``forward`` decodes it tile by tile.
+
+    ``tile_rows`` (rows of W decoded at a time) defaults to about
+    :data:`gobo.kernels.DEFAULT_TILE_BYTES` of float32.
+    """
+
+    def __init__(self, packed: kernels.Packed, bias: torch.Tensor | None = None, tile_rows: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = packed.cols, packed.rows
+        self._register_packed(packed)
+        if bias is not None:
+            if tuple(bias.shape) != (packed.rows,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({packed.rows},)")
+            self.bias = nn.Parameter(bias.detach().to(torch.float32).contiguous(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.tile_rows = tile_rows or kernels.tile_rows_for(packed.cols)
+
+    @classmethod
+    def from_qtensor(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, tile_rows: int | None = None) -> "QuantLinear":
+        if len(qt.shape) != 2:
+            raise ValueError(f"a linear weight must be 2-D, got shape {qt.shape}")
+        return cls(kernels.Packed.from_qtensor(qt), bias, tile_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
+        p = self.packed()
+        if self.use_reference:
+            return kernels.linear_reference(x, p, self.bias)
+        return kernels.linear(x, p, self.bias, tile_rows=self.tile_rows, q=self._cached_qmat(p))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, dequantize(), bias)``: what :meth:`forward` must reproduce."""
+        return kernels.linear_reference(x, self.packed(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{self._packed_repr()}, tile_rows={self.tile_rows}"
+        )
+
+
+class QuantEmbedding(_Packed):
+    """``nn.Embedding`` whose table stays packed; a lookup decodes only the rows it needs."""
+
+    def __init__(self, packed: kernels.Packed, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.rows, packed.cols
+        self.padding_idx = padding_idx  # kept for code that reads it; lookups do not treat it specially
+        self._register_packed(packed)
+
+    @classmethod
+    def from_qtensor(cls, qt: QuantizedTensor, padding_idx: int | None = None) -> "QuantEmbedding":
+        if len(qt.shape) != 2:
+            raise ValueError(f"an embedding table must be 2-D, got shape {qt.shape}")
+        return cls(kernels.Packed.from_qtensor(qt), padding_idx)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., embedding_dim)
+        p = self.packed()
+        if self.use_reference or ids.device.type != "cpu" or not kernels.fast_available():
+            return kernels.embedding_reference(ids, p)
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(flat.numel(), self.embedding_dim, dtype=torch.float32)
+        rc = kernels._lib().gobo_decode_row_list(ctypes.byref(self._cached_qmat(p)), flat.data_ptr(), flat.numel(), out.data_ptr(), 1)
+        if rc == 2:
+            raise IndexError(f"index out of range in an embedding table of {self.num_embeddings} rows")
+        if rc:
+            raise ValueError("the native decoder rejected its arguments")
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def forward_reference(self, ids: torch.Tensor) -> torch.Tensor:
+        return kernels.embedding_reference(ids, self.packed())
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, {self._packed_repr()}"
+
+
+# ---------------------------------------------------------------------------- module swap
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def swap_modules(model: nn.Module, quantized: Mapping[str, QuantizedTensor], tile_rows: int | None = None) -> list[str]:
+    """Replace every nn.Linear / nn.Embedding whose ``NAME.weight`` is in ``quantized``.
+
+    The original weight is dropped (only the packed form stays); a Linear's bias is kept in
+    FP32. A weight tied between several modules is packed once and its buffers are shared.
+    Returns the swapped weight names, in module order.
+    """
+    swapped: list[str] = []
+    packed_by_weight: dict[int, kernels.Packed] = {}
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, (nn.Linear, nn.Embedding)) or not name:
+            continue
+        key = f"{name}.weight"
+        w = mod.weight
+        p = packed_by_weight.get(id(w))
+        if p is None:
+            if key not in quantized:
+                continue
+            qt = quantized[key]
+            if tuple(qt.shape) != tuple(w.shape):
+                raise ValueError(f"{key}: the compressed tensor has shape {qt.shape}, the model expects {tuple(w.shape)}")
+            p = kernels.Packed.from_qtensor(qt)
+            packed_by_weight[id(w)] = p
+        if isinstance(mod, nn.Linear):
+            new: nn.Module = QuantLinear(p, mod.bias, tile_rows)
+        else:
+            if mod.max_norm is not None:
+                raise ValueError(f"{name}: embeddings with max_norm cannot stay packed")
+            new = QuantEmbedding(p, mod.padding_idx)
+        new.train(mod.training)
+        _set_submodule(model, name, new)
+        swapped.append(key)
+    return swapped
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` (shared tensors counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def _no_init():
+    """transformers' context that skips random initialisation (absent in old releases)."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            mod = __import__(where, fromlist=["no_init_weights"])
+            return mod.no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory), buffers on
+    the CPU as usual (their values, e.g. position ids, come from the constructors)."""
+    original = nn.Module.register_parameter
+
+    def register(self, name, param):
+        original(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_packed_model(outdir: str | os.PathLike, cm, tile_rows: int | None = None):
+    """A transformers model from ``outdir``'s config with quantized weights kept packed.
+
+    ``cm`` is the :class:`gobo.quantizer.CompressedModel` read from ``outdir``. Every tensor
+    of the model must come from ``cm`` (dense ones as they are), else ValueError. The model is
+    in eval mode with every parameter frozen (``requires_grad=False``).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    transformers.logging.set_verbosity_error()
+    try:
+        cfg = AutoConfig.from_pretrained(str(outdir))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{outdir} has no usable config.json ({exc})") from None
+    # no FP32 weight is ever allocated: parameters start on the meta device, quantized ones
+    # are swapped for packed modules, the rest are assigned from the file
+    with _no_init(), _parameters_on_meta():
+        model = AutoModel.from_config(cfg)
+    swapped = swap_modules(model, cm.quantized, tile_rows)
+    not_found = sorted(set(cm.quantized) - set(swapped))
+    if not_found:
+        raise ValueError(f"the compressed weights do not fit the model config: no Linear/Embedding for {', '.join(not_found[:5])}")
+    packed_keys = {f"{k[: -len('.weight')]}.{f}" for k in swapped for f in _FIELDS}
+    dense = {k: torch.from_numpy(v.copy()) for k, v in cm.dense.items()}
+    result = model.load_state_dict(dense, strict=False, assign=True)
+    missing = sorted(set(result.missing_keys) - packed_keys)
+    missing += [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta and n not in missing]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {', '.join(sorted(result.unexpected_keys)[:5])}")
+        raise ValueError(f"the compressed weights do not fit the model config: {'; '.join(parts)}")
+    # an inference model: packed weights cannot be trained, and frozen parameters keep plain
+    # forward calls (outside torch.no_grad) on the fast kernels
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,120 @@
+"""gobo.kernels: the C decoders and the tiled linear against the pure reference.
+
+Every decoder must reproduce QuantizedTensor.dequantize() bit for bit (it is the format's
+definition); the tiled linear multiplies exactly those bits, so it may differ from
+F.linear(x, dequantize()) only by GEMM summation order: the bound below is 1e-5 of the output
+scale (observed: 0 or a few float32 ulps).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gobo import kernels
+from gobo.kernels import Packed, decode_row_list, decode_rows, linear, linear_reference
+from gobo.qtensor import QuantizedTensor
+
+pytestmark = pytest.mark.skipif(not kernels.fast_available(), reason="gobo's compiled routines are not built")
+
+SHAPES = [(1, 1), (7, 9), (13, 64), (37, 384), (3, 1001)]
+
+
+def make_qt(rows, cols, bits, *, seed=0, group_rows=None, stats=None, outlier_frac=0.0) -> QuantizedTensor:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 1 << bits, size=(rows, cols))
+    group_rows = group_rows or rows
+    groups = -(-rows // group_rows)
+    codebook = rng.standard_normal((groups, 1 << bits)).astype(np.float32)
+    scale = offset = None
+    if stats is not None:
+        scale = (rng.random(rows) * 0.1 + 0.01).astype(stats)
+        offset = (rng.standard_normal(rows) * 0.01).astype(stats)
+    n_out = int(round(rows * cols * outlier_frac))
+    idx = np.sort(rng.choice(rows * cols, size=n_out, replace=False)).astype(np.int64)
+    val = (rng.standard_normal(n_out) * 5).astype(np.float32)
+    return QuantizedTensor.from_codes(
+        codes, shape=(rows, cols), bits=bits, codebook=codebook, group_rows=group_rows,
+        row_scale=scale, row_offset=offset, outlier_index=idx, outlier_value=val,
+    )
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("stats", [None, np.float16, np.float32])
+def test_decoders_are_bit_exact(bits, stats):
+    for i, (rows, cols) in enumerate(SHAPES):
+        qt = make_qt(rows, cols, bits, seed=i, group_rows=max(1, rows // 3), stats=stats, outlier_frac=0.05)
+        ref = qt.dequantize()
+        p = Packed.from_qtensor(qt)
+        for path in kernels.DECODERS:
+            assert same_bits(decode_rows(p, path=path).numpy(), ref), (path, rows, cols)
+            # a row range that starts mid-matrix (unaligned bit offsets for odd widths)
+            if rows > 2:
+                assert same_bits(decode_rows(p, 1, rows - 1, path=path).numpy(), ref[1 : rows - 1]), (path, rows, cols)
+            ids = torch.tensor([[rows - 1, 0, rows // 2], [0, 0, rows - 1]])
+            assert same_bits(decode_row_list(p, ids, path=path).numpy(), ref[ids.numpy()]), (path, rows, cols)
+
+
+def test_decode_into_strided_buffer_and_fp16_extremes():
+    qt = make_qt(9, 24, 3, stats=np.float16)
+    # float16 subnormals, infinities' neighbours and negative zero widen exactly
+    qt.row_scale[:4] = np.array([6e-8, -0.0, 65504, 1e-5], dtype=np.float16)
+    ref = qt.dequantize()
+    big = torch.full((9, 40), 7.0)
+    decode_rows(Packed.from_qtensor(qt), out=big[:, 3:27])
+    assert same_bits(big[:, 3:27].contiguous().numpy(), ref)
+    assert torch.all(big[:, :3] == 7.0) and torch.all(big[:, 27:] == 7.0)
+
+
+def test_bad_arguments_are_rejected():
+    p = Packed.from_qtensor(make_qt(5, 8, 3))
+    with pytest.raises(ValueError):
+        decode_rows(p, 2, 9)
+    with pytest.raises(IndexError):
+        decode_row_list(p, torch.tensor([0, 5]))
+    with pytest.raises(IndexError):
+        decode_row_list(p, torch.tensor([-1]))
+    with pytest.raises(ValueError, match="features"):
+        linear(torch.randn(2, 7), p)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_linear_matches_reference(bits):
+    rng = torch.Generator().manual_seed(bits)
+    cases = [(1, 1, None, 0.0), (7, 9, np.float16, 0.1), (45, 64, np.float32, 0.01), (130, 96, None, 0.02)]
+    for rows, cols, stats, frac in cases:
+        qt = make_qt(rows, cols, bits, seed=rows, stats=stats, outlier_frac=frac, group_rows=max(1, rows // 2))
+        p = Packed.from_qtensor(qt)
+        bias = torch.randn(rows, generator=rng)
+        for batch in (1, 33):
+            for shape in ((batch, cols), (batch, 3, cols)):
+                x = torch.randn(*shape, generator=rng)
+                for b in (None, bias):
+                    ref = linear_reference(x, p, b)
+                    # tiles of 8 rows force several tiles and a ragged last one
+                    for tile in (8, None):
+                        y = linear(x, p, b, tile_rows=tile)
+                        assert y.shape == ref.shape
+                        scale = max(ref.abs().max().item(), 1e-6)
+                        assert (y - ref).abs().max().item() <= 1e-5 * scale, (bits, rows, cols, batch, tile)
+
+
+def test_linear_one_tile_is_exact_against_the_same_gemm():
+    # with the whole matrix in one tile the fast path is addmm on dequantize()'s bits
+    qt = make_qt(96, 128, 3, stats=np.float16, outlier_frac=0.01)
+    p = Packed.from_qtensor(qt)
+    x, b = torch.randn(33, 128), torch.randn(96)
+    y = linear(x, p, b, tile_rows=96)
+    ref = torch.addmm(b, x, torch.from_numpy(qt.dequantize()).t())
+    assert torch.equal(y, ref)
+
+
+def test_tile_rows_for():
+    assert kernels.tile_rows_for(384, 1 << 20) == 680
+    assert kernels.tile_rows_for(10**9) == 8
+    assert kernels.tile_rows_for(384, 64 * 1024) % 8 == 0

@@ -1,0 +1,139 @@
+"""gobo.nn: packed modules, the module swap, and gobo.load(..., packed=True) on the real model.
+
+Bound for the packed model: max |last_hidden_state difference| <= 1e-4 against the
+dequantized model (same weights bit for bit, only GEMM tiling differs; observed 0 to ~1e-6
+on 2 cores, with outputs of magnitude ~5).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import gobo  # noqa: E402
+from gobo import kernels  # noqa: E402
+from gobo.nn import QuantEmbedding, QuantLinear, resident_weight_bytes, swap_modules  # noqa: E402
+
+from test_kernels import make_qt  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not kernels.fast_available(), reason="gobo's compiled routines are not built")
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+def test_quant_linear_forward_matches_reference_and_repr():
+    qt = make_qt(50, 24, 3, stats=np.float16, outlier_frac=0.02)
+    m = QuantLinear.from_qtensor(qt, bias=torch.randn(50), tile_rows=16)
+    x = torch.randn(2, 5, 24)
+    ref = m.forward_reference(x)
+    assert torch.allclose(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    QuantLinear.use_reference = True
+    try:
+        assert torch.equal(m(x), ref)
+    finally:
+        QuantLinear.use_reference = False
+    # inputs that need gradients take the (differentiable) reference path
+    xg = x.clone().requires_grad_(True)
+    m(xg).sum().backward()
+    assert torch.allclose(xg.grad, m.dequantize().sum(0).expand_as(x), atol=1e-5)
+    names = {n for n, _ in m.named_buffers()}
+    assert names == {"codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value"}
+    assert m.codes.dtype == torch.uint8 and m.row_scale.dtype == torch.float16
+    r = repr(m)
+    assert "in_features=24" in r and "out_features=50" in r and "bits=3" in r and "tile_rows=16" in r
+
+
+def test_quant_linear_survives_buffer_replacement():
+    # the cached C view must follow buffers that load_state_dict or .to() replaced
+    qt1, qt2 = make_qt(8, 16, 4, seed=1), make_qt(8, 16, 4, seed=2)
+    m = QuantLinear.from_qtensor(qt1)
+    x = torch.randn(3, 16)
+    m(x)
+    other = QuantLinear.from_qtensor(qt2)
+    m.codes = other.codes.clone()
+    m.codebook = other.codebook.clone()
+    m.outlier_index, m.outlier_value = other.outlier_index.clone(), other.outlier_value.clone()
+    assert torch.equal(m(x), other(x))
+
+
+def test_quant_embedding_is_bit_exact():
+    qt = make_qt(100, 24, 5, stats=np.float32, outlier_frac=0.03, group_rows=30)
+    e = QuantEmbedding.from_qtensor(qt, padding_idx=0)
+    ids = torch.tensor([[0, 99, 5, 5], [42, 1, 0, 77]])
+    want = torch.from_numpy(qt.dequantize())[ids]
+    assert torch.equal(e(ids), want)
+    assert e(ids).shape == (2, 4, 24)
+    with pytest.raises(IndexError):
+        e(torch.tensor([100]))
+    assert "100, 24, padding_idx=0" in repr(e)
+
+
+def test_swap_modules_by_name_and_shared_weights():
+    net2 = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 6), "head": torch.nn.Linear(6, 10, bias=False)})
+    net2["head"].weight = net2["emb"].weight
+    quantized = {"emb.weight": make_qt(10, 6, 3)}
+    swapped = swap_modules(net2, quantized)
+    assert swapped == ["emb.weight", "head.weight"]
+    assert isinstance(net2["emb"], QuantEmbedding) and isinstance(net2["head"], QuantLinear)
+    assert net2["emb"].codes.data_ptr() == net2["head"].codes.data_ptr()  # packed once, shared
+    with pytest.raises(ValueError, match="shape"):
+        swap_modules(torch.nn.ModuleDict({"emb": torch.nn.Embedding(11, 6)}), quantized)
+
+
+# ---------------------------------------------------------------------------- real model
+
+
+@pytest.fixture(scope="module")
+def default_dir(tmp_path_factory):
+    """``gobo.quantize('minilm-l6')`` (size-aware default: 2..6 bits, row stats), saved."""
+    cm = gobo.quantize("minilm-l6")
+    out = tmp_path_factory.mktemp("packed") / "minilm-default"
+    gobo.save(cm, out)
+    return out, cm
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    from gobo.data import load_rotten_tomatoes
+
+    _, test = load_rotten_tomatoes()
+    return list(test.stride(5).texts)
+
+
+def test_packed_model_matches_dequantized(default_dir, sentences):
+    from transformers import AutoTokenizer
+
+    outdir, cm = default_dir
+    dense = gobo.load(outdir)
+    packed = gobo.load(outdir, packed=True)
+    tok = AutoTokenizer.from_pretrained(str(outdir))
+    batch = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.inference_mode():
+        want = dense(**batch).last_hidden_state
+        got = packed(**batch).last_hidden_state
+        one = packed(**{k: v[:1] for k, v in batch.items()}).last_hidden_state
+    diff = (got - want).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert (one - want[:1]).abs().max().item() <= 1e-4
+
+    # every quantized weight is swapped, and no tensor of its full FP32 shape stays resident
+    mods = dict(packed.named_modules())
+    for name, qt in cm.quantized.items():
+        mod = mods[name[: -len(".weight")]]
+        assert isinstance(mod, (QuantLinear, QuantEmbedding)), name
+    fp32_shapes = {tuple(qt.shape) for qt in cm.quantized.values()}
+    for name, t in list(packed.named_parameters()) + list(packed.named_buffers()):
+        if t.dtype == torch.float32:
+            assert tuple(t.shape) not in fp32_shapes, name
+    assert not any(p.requires_grad for p in packed.parameters())  # frozen: fast path outside no_grad
+    packed_bytes = resident_weight_bytes(packed)
+    dense_bytes = resident_weight_bytes(dense)
+    print(f"\nresident weight bytes: packed {packed_bytes:,} vs dequantized {dense_bytes:,} ({dense_bytes / packed_bytes:.1f}x)")
+    assert packed_bytes < dense_bytes / 6
