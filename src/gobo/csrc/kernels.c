@@ -33,11 +33,7 @@
 #define AVX2_MAX_BITS 5 /* wider codes use the portable word path even with AVX2 */
 #endif
 
-#if defined(_WIN32)
-#define GOBO_API __declspec(dllexport)
-#else
-#define GOBO_API __attribute__((visibility("default")))
-#endif
+#include "gobo_api.h"
 
 /* One quantized matrix (rows x cols), mirrored by gobo.kernels.QMat (ctypes). */
 typedef struct {

@@ -12,11 +12,7 @@
 #include <string.h>
 #include <math.h>
 
-#if defined(_WIN32)
-#define GOBO_API __declspec(dllexport)
-#else
-#define GOBO_API __attribute__((visibility("default")))
-#endif
+#include "gobo_api.h"
 
 typedef struct {
     const double *s1; /* prefix sums of x, length n + 1 */
