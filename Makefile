@@ -35,7 +35,7 @@ $(PY):
 $(STAMP): $(INSTALL_INPUTS) | $(PY)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
-	$(PIP) install 'setuptools>=68' wheel
+	$(PIP) install 'setuptools>=77' wheel
 	$(PIP) install --no-build-isolation -e '.[dev]'
 	touch $@
 
