@@ -21,12 +21,13 @@ def test_readme_starts_with_the_two_setup_commands():
     assert cmds[:2] == ["make demo", "make test"]
 
 
-def test_readme_api_example_runs(tmp_path):
+def test_readme_api_example_runs(tmp_path, monkeypatch):
     blocks = _python_blocks()
     assert blocks, "the README has no Python example"
-    scope = {"tmpdir": tmp_path}
+    monkeypatch.chdir(tmp_path)  # the example writes to ./out
+    scope: dict = {}
     exec(compile(blocks[0], str(README), "exec"), scope)
-    assert (tmp_path / "minilm-3b" / "gobo.safetensors").is_file()
+    assert (tmp_path / "out" / "minilm-3b" / "gobo.safetensors").is_file()
     hidden = scope["hidden"]
     assert hidden.shape[0] == 1 and hidden.shape[-1] == 384
     assert scope["cm"].fp32_bytes() / scope["cm"].nbytes() > 10
