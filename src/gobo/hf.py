@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["build_model", "load_source", "quantizable_names", "state_numpy", "weights_sha256"]
+__all__ = ["build_model", "check_fit", "load_source", "model_config", "quantizable_names", "state_numpy", "weights_sha256"]
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -66,21 +66,21 @@ def state_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def build_model(outdir: str | os.PathLike, state: dict[str, np.ndarray]):
-    """A transformers model from ``outdir``'s config with exactly ``state`` as weights."""
-    import torch
+def model_config(outdir: str | os.PathLike):
+    """The transformers config stored in ``outdir`` (ValueError if it is unusable)."""
     import transformers
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     transformers.logging.set_verbosity_error()
     try:
-        cfg = AutoConfig.from_pretrained(str(outdir))
+        return AutoConfig.from_pretrained(str(outdir))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{outdir} has no usable config.json ({exc})") from None
-    model = AutoModel.from_config(cfg)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
+
+
+def check_fit(missing, unexpected) -> None:
+    """Raise ValueError naming the state-dict keys the model lacks or does not expect."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
     if missing or unexpected:
         parts = []
         if missing:
@@ -88,5 +88,15 @@ def build_model(outdir: str | os.PathLike, state: dict[str, np.ndarray]):
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:5])}")
         raise ValueError(f"the compressed weights do not fit the model config: {'; '.join(parts)}")
+
+
+def build_model(outdir: str | os.PathLike, state: dict[str, np.ndarray]):
+    """A transformers model from ``outdir``'s config with exactly ``state`` as weights."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_config(model_config(outdir))
+    expected = set(model.state_dict())
+    check_fit(expected - set(state), set(state) - expected)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
     return model.eval()

@@ -249,14 +249,11 @@ def build_packed_model(outdir: str | os.PathLike, cm, tile_rows: int | None = No
     of the model must come from ``cm`` (dense ones as they are), else ValueError. The model is
     in eval mode with every parameter frozen (``requires_grad=False``).
     """
-    import transformers
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    transformers.logging.set_verbosity_error()
-    try:
-        cfg = AutoConfig.from_pretrained(str(outdir))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{outdir} has no usable config.json ({exc})") from None
+    from .hf import check_fit, model_config
+
+    cfg = model_config(outdir)
     # no FP32 weight is ever allocated: parameters start on the meta device, quantized ones
     # are swapped for packed modules, the rest are assigned from the file
     with _no_init(), _parameters_on_meta():
@@ -270,13 +267,7 @@ def build_packed_model(outdir: str | os.PathLike, cm, tile_rows: int | None = No
     result = model.load_state_dict(dense, strict=False, assign=True)
     missing = sorted(set(result.missing_keys) - packed_keys)
     missing += [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta and n not in missing]
-    if missing or result.unexpected_keys:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {', '.join(sorted(result.unexpected_keys)[:5])}")
-        raise ValueError(f"the compressed weights do not fit the model config: {'; '.join(parts)}")
+    check_fit(missing, result.unexpected_keys)
     # an inference model: packed weights cannot be trained, and frozen parameters keep plain
     # forward calls (outside torch.no_grad) on the fast kernels
     model.requires_grad_(False)

@@ -83,7 +83,7 @@ def select(names: Iterable[str], include: Iterable[str] = DEFAULT_INCLUDE, exclu
 def sqnr_db(w: np.ndarray, q: np.ndarray) -> float:
     w = np.asarray(w, dtype=np.float32).ravel()
     d = w - np.asarray(q, dtype=np.float32).ravel()
-    e = float(np.dot(d.astype(np.float64), d.astype(np.float64))) if d.size < 1 << 20 else float(np.sum(np.square(d), dtype=np.float64))
+    e = float(np.sum(np.square(d), dtype=np.float64))
     s = float(np.sum(np.square(w), dtype=np.float64))
     if e == 0.0:
         return math.inf
@@ -102,10 +102,10 @@ def allocate_bits(
 ) -> dict[str, int]:
     """Bits per tensor minimising the sum of relative errors within a byte budget.
 
-    Each tensor's relative error counts once, whatever its size (an error of x% in any
-    layer's output disturbs the network about equally), while its cost is its bytes: codes
-    (``sizes[n] * b / 8``), a codebook of ``2**b`` float32, and ``fixed_bytes[n]`` (row
-    statistics, outliers). Large tensors therefore get fewer bits. Greedy on marginal gain
+    A tensor's relative error weighs ``sizes[n] ** size_exponent`` (0: every tensor alike;
+    GoboConfig uses 0.5, so larger tensors matter more but less than in proportion), while
+    its cost is its bytes: codes (``sizes[n] * b / 8``), a codebook of ``2**b`` float32, and
+    ``fixed_bytes[n]`` (row statistics, outliers). Large tensors therefore get fewer bits. Greedy on marginal gain
     per byte from the lowest width up (optimal for convex curves); ties break by name.
     """
     fixed_bytes = fixed_bytes or {}

@@ -170,7 +170,8 @@ def cluster_sorted(x: np.ndarray, k: int, clustering: str, max_iter: int = 200) 
 
 def assign(w: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid (ascending ``c``; ties go to the lower one)."""
-    mids = ((np.asarray(c, dtype=np.float64)[:-1] + np.asarray(c, dtype=np.float64)[1:]) * 0.5).astype(w.dtype)
+    c = np.asarray(c, dtype=np.float64)
+    mids = ((c[:-1] + c[1:]) * 0.5).astype(w.dtype)  # same dtype as w: no copy of w
     return np.searchsorted(mids, w, side="left").astype(np.uint8)
 
 
