@@ -188,7 +188,7 @@ def quantize_state(
 
                 curves = dict(zip(names, pool.map(curve, names)))
                 sizes = {n: arrays[n].size for n in names}
-                fixed = {n: preps[n].n_outliers * 8 + (preps[n].rows * 4 if config.normalize_rows else 0) for n in names}
+                fixed = {n: preps[n].fixed_nbytes() for n in names}
                 # all-in budget: everything stored for these tensors fits in `bits` per weight
                 bits_of = allocate_bits(curves, sizes, config.bits * sum(sizes.values()) / 8.0, fixed, config.size_exponent)
             else:

@@ -227,6 +227,13 @@ class Prepared:
     def n_outliers(self) -> int:
         return int(self.mask.sum())
 
+    def fixed_nbytes(self) -> int:
+        """Bytes stored whatever the bit width: row statistics and outliers (as
+        :meth:`QuantizedTensor.nbytes` counts them)."""
+        index_bytes = 4 if self.w32.size < 2**31 else 8
+        stats = sum(a.nbytes for a in (self.row_scale, self.row_offset) if a is not None)
+        return self.n_outliers * (index_bytes + 4) + stats
+
     def centroids(self, bits: int) -> np.ndarray:
         """float32 codebook of ``2**bits`` ascending centroids (cached)."""
         if bits not in self._c:
