@@ -26,6 +26,11 @@ EXAMPLES = {
 }
 
 
+#: modules that add commands; each defines ``register(add)`` where ``add(name, help, example)``
+#: returns an argparse subparser (with --json/--quiet) on which it sets ``fn``
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line, like every other user error."""
 
@@ -340,8 +345,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version="gobo 0.1.0")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name), formatter_class=argparse.RawDescriptionHelpFormatter)
+    def add(name: str, help: str, example: str | None = None) -> argparse.ArgumentParser:
+        epilog = example or EXAMPLES.get(name)
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         return sp
@@ -385,6 +391,12 @@ def _parser() -> argparse.ArgumentParser:
     da.add_argument("action", choices=["fetch"])
     da.add_argument("--force", action="store_true")
     da.set_defaults(fn=_cmd_data)
+
+    # commands that live beside their subsystem: each module has register(add)
+    import importlib
+
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).register(add)
     return p
 
 
