@@ -28,7 +28,7 @@ EXAMPLES = {
 
 #: modules that add commands; each defines ``register(add)`` where ``add(name, help, example)``
 #: returns an argparse subparser (with --json/--quiet) on which it sets ``fn``
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("gobo.hw.cli",)
 
 
 class _Parser(argparse.ArgumentParser):
