@@ -9,13 +9,14 @@ Heavy dependencies (transformers) load only when a function needs them.
 """
 
 from .api import load, load_compressed, quantize, save
-from .config import DirectQConfig, GoboConfig, method_config
+from .config import DirectQConfig, GoboConfig, QBertConfig, method_config
 from .qtensor import QuantizedTensor
 
 __version__ = "0.1.0"
 __all__ = [
     "DirectQConfig",
     "GoboConfig",
+    "QBertConfig",
     "QuantizedTensor",
     "__version__",
     "load",

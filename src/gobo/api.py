@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import DirectQConfig, GoboConfig, method_config
+from .config import DirectQConfig, GoboConfig, QBertConfig, method_config
 from .quantizer import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressedModel, quantize_state, select
 
 __all__ = ["quantize", "save", "load", "load_compressed"]
@@ -14,7 +14,7 @@ __all__ = ["quantize", "save", "load", "load_compressed"]
 
 def quantize(
     model: str | os.PathLike,
-    config: GoboConfig | DirectQConfig | None = None,
+    config: GoboConfig | DirectQConfig | QBertConfig | None = None,
     *,
     method: str = "gobo",
     bits: int = 3,
@@ -26,6 +26,9 @@ def quantize(
 
     Every nn.Linear and nn.Embedding weight whose name matches ``include`` and not
     ``exclude`` is quantized; biases, LayerNorms and the rest stay as they are.
+    A :class:`QBertConfig` with ``mixed`` and no ``layer_bits`` first measures each layer's
+    Hessian sensitivity on the benchmark's training split (:mod:`gobo.hessian`, cached), and
+    the file records the resulting plan.
     ``progress(name, total)`` is called after each tensor.
     """
     from .assets import resolve_model
@@ -35,6 +38,10 @@ def quantize(
         config = method_config(method, bits)
     model_dir = resolve_model(model)
     src = load_source(model_dir)
+    if isinstance(config, QBertConfig):  # head size from the model; mixed precision: Hessian-ranked plan
+        from .hessian import resolve_qbert
+
+        config = resolve_qbert(config, src, model_dir)
     names = select(quantizable_names(src), include, exclude)
     state = state_numpy(src)
     total = len(names)

@@ -28,7 +28,7 @@ EXAMPLES = {
 
 #: modules that add commands; each defines ``register(add)`` where ``add(name, help, example)``
 #: returns an argparse subparser (with --json/--quiet) on which it sets ``fn``
-COMMAND_MODULES: tuple[str, ...] = ("gobo.hw.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("gobo.hw.cli", "gobo.cli_qbert")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,8 +155,10 @@ def _cmd_quantize(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another path or pass --force")
+    if getattr(args, "mixed", None) and args.method != "qbert":
+        raise UserError("--mixed applies to --method qbert only")
     try:
-        config = method_config(args.method, args.bits)
+        config = method_config(args.method, args.bits, **({"mixed": args.mixed} if getattr(args, "mixed", None) else {}))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     t0 = time.perf_counter()
@@ -356,7 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model directory, or a bundled model: minilm-l6, mpnet-base")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist, or be empty, unless --force)")
     q.add_argument("--bits", type=int, default=3, help="bits per weight, 1-8 (default 3)")
-    q.add_argument("--method", default="gobo", choices=["gobo", "gobo-paper", "directq"], help="gobo (default: data-free improvements), gobo-paper (the paper's recipe), directq (uniform per-row)")
+    q.add_argument("--method", default="gobo", choices=["gobo", "gobo-paper", "directq", "qbert"], help="gobo (default: data-free improvements), gobo-paper (the paper's recipe), directq (uniform per-row), qbert (group-wise uniform, embeddings at 8 bits)")
+    q.add_argument("--mixed", metavar="LOW/HIGH", help="qbert only: Hessian-ranked mixed precision per layer, e.g. 2/3 (measures the sensitivity on the training split first)")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")

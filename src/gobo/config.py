@@ -7,8 +7,9 @@ only builds the classes registered in :data:`CONFIGS` (never ``eval``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
-__all__ = ["CONFIGS", "DirectQConfig", "GoboConfig", "config_from_json", "config_to_json", "method_config"]
+__all__ = ["CONFIGS", "DirectQConfig", "GoboConfig", "QBertConfig", "config_from_json", "config_to_json", "method_config"]
 
 
 def _check_bits(name: str, value: int, lo: int = 1, hi: int = 8) -> None:
@@ -63,27 +64,94 @@ class GoboConfig:
 
 @dataclass(frozen=True)
 class DirectQConfig:
-    """Round-to-nearest uniform quantization, one [min, max] range per row ("DirectQ")."""
+    """Round-to-nearest uniform quantization, one [min, max] range per row ("DirectQ").
+
+    ``granularity="tensor"`` uses one range for the whole matrix: Q-BERT's DirectQ baseline.
+    """
 
     bits: int = 3
+    granularity: str = "row"  # "row": one range per row; "tensor": one range per matrix
+    version: int = 1
+    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("granularity",)  # left out of the JSON at their default
+
+    def __post_init__(self) -> None:
+        _check_bits("bits", self.bits)
+        if self.granularity not in ("row", "tensor"):
+            raise ValueError(f"granularity must be 'row' or 'tensor', got {self.granularity!r}")
+
+
+@dataclass(frozen=True)
+class QBertConfig:
+    """Q-BERT (Shen et al., AAAI 2020): group-wise uniform quantization, Hessian-ranked mixed precision.
+
+    Every matrix is split into at least ``groups`` row groups (query/key/value per attention
+    head), each with its own uniform ``2**b``-level range; see :mod:`gobo.methods.groupwise`.
+    ``mixed="2/3"`` gives each encoder layer 2 or 3 bits by the rank of its Hessian
+    sensitivity; :func:`gobo.quantize` measures it and records the plan in ``layer_bits``.
+    """
+
+    bits: int = 3  # encoder-layer width without a plan; also weights outside the layers (pooler)
+    layer_bits: tuple[int, ...] = ()  # explicit per-layer widths, layer 0 first; () = every layer at `bits`
+    mixed: str = ""  # "LOW/HIGH", e.g. "2/3" or "2/4": Hessian-ranked mixed precision; "" = off
+    average: float = 0.0  # mixed: average layer width to reach (never exceeded); 0 = halfway
+    embedding_bits: int = 8  # word/position/type embeddings (8 in the paper's tables)
+    groups: int = 128  # at least this many range groups per matrix (128 in the paper)
+    symmetric: bool = True  # group range [-max|w|, max|w|]; False: [min w, max w]
+    head_size: int = 0  # rows per attention head in query/key/value; 0 = no head alignment (gobo.quantize fills it)
     version: int = 1
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
+        _check_bits("embedding_bits", self.embedding_bits)
+        if not isinstance(self.layer_bits, (tuple, list)):
+            raise ValueError(f"layer_bits must be a sequence of integers from 1 to 8, got {self.layer_bits!r}")
+        object.__setattr__(self, "layer_bits", tuple(self.layer_bits))
+        for b in self.layer_bits:
+            _check_bits("every entry of layer_bits", b)
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {self.groups!r}")
+        if isinstance(self.head_size, bool) or not isinstance(self.head_size, int) or self.head_size < 0:
+            raise ValueError(f"head_size must be a non-negative integer, got {self.head_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if isinstance(self.average, bool) or not isinstance(self.average, (int, float)) or self.average < 0:
+            raise ValueError(f"average must be a non-negative number, got {self.average!r}")
+        if self.mixed:
+            low, high = self.mixed_bits
+            if self.average and not low <= self.average <= high:
+                raise ValueError(f"average ({self.average}) must lie between {low} and {high}")
+            if any(b not in (low, high) for b in self.layer_bits):
+                raise ValueError(f"layer_bits {list(self.layer_bits)} may only hold {low} or {high} with mixed={self.mixed!r}")
+        elif self.average:
+            raise ValueError("average only applies with mixed, e.g. mixed='2/3'")
+
+    @property
+    def mixed_bits(self) -> tuple[int, int]:
+        """``(LOW, HIGH)`` of ``mixed``; ValueError if it is not of that form."""
+        parts = self.mixed.split("/") if isinstance(self.mixed, str) else []
+        try:
+            low, high = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"mixed must look like '2/3' (LOW/HIGH bits), got {self.mixed!r}") from None
+        if not 1 <= low < high <= 8:
+            raise ValueError(f"mixed needs 1 <= LOW < HIGH <= 8, got {self.mixed!r}")
+        return low, high
 
 
-CONFIGS = {"gobo": GoboConfig, "directq": DirectQConfig}
+CONFIGS = {"gobo": GoboConfig, "directq": DirectQConfig, "qbert": QBertConfig}
 
 
-def method_config(method: str, bits: int = 3, **overrides) -> GoboConfig | DirectQConfig:
-    """Config for a method name as the CLI spells it: gobo, gobo-paper, directq."""
+def method_config(method: str, bits: int = 3, **overrides) -> GoboConfig | DirectQConfig | QBertConfig:
+    """Config for a method name as the CLI spells it: gobo, gobo-paper, directq, qbert."""
     if method == "gobo":
         return GoboConfig(bits=bits, **overrides)
     if method == "gobo-paper":
         return GoboConfig.paper(bits=bits, **overrides)
     if method == "directq":
         return DirectQConfig(bits=bits, **overrides)
-    raise ValueError(f"unknown method {method!r}; choose gobo, gobo-paper or directq")
+    if method == "qbert":
+        return QBertConfig(bits=bits, **overrides)
+    raise ValueError(f"unknown method {method!r}; choose gobo, gobo-paper, directq or qbert")
 
 
 def config_to_json(cfg) -> dict:
@@ -91,6 +159,9 @@ def config_to_json(cfg) -> dict:
         if type(cfg) is cls:
             data = asdict(cfg)
             version = data.pop("version")
+            for f in fields(cls):  # fields added later are written only when set, so old readers and bytes stay
+                if f.name in getattr(cls, "_OPTIONAL_FIELDS", ()) and data[f.name] == f.default:
+                    del data[f.name]
             return {"type": name, "version": version, "data": data}
     raise TypeError(f"not a gobo method config: {type(cfg).__name__}")
 

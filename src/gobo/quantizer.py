@@ -16,8 +16,9 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from .config import DirectQConfig, GoboConfig
+from .config import DirectQConfig, GoboConfig, QBertConfig
 from .methods import gobo as gobo_method
+from .methods import groupwise as groupwise_method
 from .methods import uniform as uniform_method
 from .qtensor import QuantizedTensor
 
@@ -195,7 +196,10 @@ def quantize_state(
                 bits_of = {n: config.bits for n in names}
             built = pool.map(lambda n: preps[n].build(bits_of[n]), names)
         elif isinstance(config, DirectQConfig):
-            built = pool.map(lambda n: uniform_method.fit(arrays[n], config.bits), names)
+            built = pool.map(lambda n: uniform_method.fit(arrays[n], config.bits, config.granularity), names)
+        elif isinstance(config, QBertConfig):
+            how = groupwise_method.plan({n: arrays[n].shape for n in names}, config)
+            built = pool.map(lambda n: groupwise_method.fit(arrays[n], *how[n], symmetric=config.symmetric), names)
         else:
             raise TypeError(f"unsupported config {type(config).__name__}")
         for n, qt in zip(names, built):

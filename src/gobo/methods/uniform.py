@@ -2,6 +2,8 @@
 
 The naive baseline of Q-BERT (Shen et al., AAAI 2020). Codes are the integer levels
 0 .. 2**bits - 1; a weight is ``row_min + code * step`` with ``step = (max - min) / (2**bits - 1)``.
+With ``granularity="tensor"`` (Q-BERT's DirectQ) the whole matrix shares one range, stored as
+a single codebook row of levels ``min + k * step`` and no row statistics.
 """
 
 from __future__ import annotations
@@ -11,8 +13,16 @@ import numpy as np
 __all__ = ["fit"]
 
 
-def fit(weight: np.ndarray, bits: int) -> "QuantizedTensor":
+def fit(weight: np.ndarray, bits: int, granularity: str = "row") -> "QuantizedTensor":
     from ..qtensor import QuantizedTensor
+
+    if granularity == "tensor":
+        from .groupwise import fit as groupwise_fit
+
+        w = np.asarray(weight)
+        qt = groupwise_fit(w, bits, group_rows=w.shape[0] if w.ndim > 1 else 1, symmetric=False)
+        qt.method = "directq"
+        return qt
 
     w32 = np.ascontiguousarray(weight, dtype=np.float32)
     if w32.size == 0:
