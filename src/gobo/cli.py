@@ -28,7 +28,7 @@ EXAMPLES = {
 
 #: modules that add commands; each defines ``register(add)`` where ``add(name, help, example)``
 #: returns an argparse subparser (with --json/--quiet) on which it sets ``fn``
-COMMAND_MODULES: tuple[str, ...] = ("gobo.hw.cli", "gobo.cli_qbert")
+COMMAND_MODULES: tuple[str, ...] = ("gobo.cli_report", "gobo.hw.cli", "gobo.cli_qbert")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -258,6 +258,10 @@ def evaluate_dirs(outdirs: list[str], source: str | None, limit: int | None, tra
                      "file_bytes": s.file_bytes, "ratio": s.ratio, **r.to_dict()})
     fp = {"model": "FP32", "source": str(src_dir), "accuracy": rows[0]["fp32_accuracy"], "n_test": rows[0]["n_test"],
           "n_train": len(bench.train_texts), "file_bytes": fp32_bytes, "seconds": s32}
+    from .evalstore import save_eval
+
+    for d, r in zip(outdirs, rows):
+        save_eval(d, {**fp, "source_sha256": sha}, r)  # OUTDIR/eval.json, shown by 'gobo report'
     return fp, rows
 
 
@@ -301,11 +305,18 @@ def _cmd_demo(args) -> int:
         gobo.save(cm, d, overwrite=True)
         outs.append(str(d))
     fp, rows = evaluate_dirs(outs, "minilm-l6", args.limit, None, args.quiet)
+    from .htmlreport import write_report
+
+    try:
+        report = str(write_report(outs[args.methods.index("gobo")] if "gobo" in args.methods else outs[0]).path)
+    except ImportError:
+        report = None  # matplotlib missing: the table is still the result
     if args.json:
-        _print_json({"fp32": fp, "results": rows})
+        _print_json({"fp32": fp, "results": rows, "report": report})
     else:
         print(_eval_table(fp, rows))
         print(f"\ncompressed models: {', '.join(outs)}")
+        print(f"report: {report}" if report else "report: not written (it needs matplotlib: pip install 'gobo[plot]')")
     return 0
 
 

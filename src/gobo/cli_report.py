@@ -1,0 +1,105 @@
+"""``gobo report`` (one HTML page per compressed model) and ``gobo sweep`` (accuracy vs size)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+__all__ = ["register"]
+
+_METHODS = ["gobo", "gobo-paper", "directq"]
+
+
+def _need_matplotlib() -> None:
+    from .cli import UserError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("plots need matplotlib, which is not installed; run: pip install 'gobo[plot]'") from None
+
+
+def _cmd_report(args) -> int:
+    from .cli import UserError, _Bar, _fmt_bytes, _print_json
+    from .htmlreport import REPORT_FILE, write_report
+    from .io import WEIGHTS_FILE
+
+    outdir = Path(args.outdir)
+    if not outdir.is_dir():
+        raise UserError(f"{outdir} is not a directory; pass a compressed model directory written by 'gobo quantize'")
+    if not (outdir / WEIGHTS_FILE).is_file():
+        raise UserError(f"{outdir} is not a gobo model directory (no {WEIGHTS_FILE}); make one with 'gobo quantize'")
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        output = output / REPORT_FILE
+    _need_matplotlib()
+    t0 = time.perf_counter()
+    with _Bar(args.quiet, None, "report", "tensor") as bar:
+        def progress(done: int, total: int) -> None:
+            if bar.bar is not None and bar.bar.total != total:
+                bar.bar.total = total
+            bar.update()
+
+        info = write_report(outdir, output, source=args.source, progress=progress)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        _print_json({"report": str(info.path), "tensors": info.n_tensors, "weights_from": info.weights_from,
+                     "source_dir": info.source_dir, "evaluated": info.evaluated, "bytes": info.nbytes, "seconds": seconds})
+    else:
+        what = f"FP32 weights of {info.source_dir}" if info.weights_from == "source" else "dequantized values (FP32 source not found; pass --source)"
+        print(f"report: {info.path}")
+        print(f"  {info.n_tensors} tensors, histograms of the {what}")
+        print(f"  {'with' if info.evaluated else 'without'} accuracy results{'' if info.evaluated else ' (run gobo eval first to include them)'}")
+        print(f"  {_fmt_bytes(info.nbytes)}, {seconds:.1f} s")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .cli import UserError, _Bar, _eval_table, _print_json
+    from .sweep import SWEEP_JSON, SWEEP_PNG, run_sweep
+
+    bad = [b for b in args.bits_list if not 1 <= b <= 8]
+    if bad:
+        raise UserError(f"--bits must be from 1 to 8, got {bad[0]}")
+    for name, v in (("--limit", args.limit), ("--train-limit", args.train_limit)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be a positive number of texts, got {v}")
+    _need_matplotlib()
+    out = Path(args.output) if args.output else Path("out") / f"sweep-{Path(str(args.model)).name}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another output directory with -o")
+
+    def stage(desc: str, total: int | None, unit: str):
+        return _Bar(args.quiet, total, desc, unit)
+
+    t0 = time.perf_counter()
+    res = run_sweep(args.model, args.bits_list, args.methods, out, limit=args.limit, train_limit=args.train_limit, stage=stage)
+    seconds = time.perf_counter() - t0
+    doc = res.to_dict()
+    if args.json:
+        _print_json({**doc, "output": str(out), "json": str(out / SWEEP_JSON), "plot": str(out / SWEEP_PNG), "seconds": seconds})
+    else:
+        rows = [{**r, "model": f"{r['method']}-{r['bits']}b"} for r in doc["results"]]
+        print(_eval_table(doc["fp32"], rows))
+        print(f"\nresults: {out / SWEEP_JSON}\nplot:    {out / SWEEP_PNG}\nmodels:  {out}/METHOD-BITSb ({seconds:.0f} s)")
+    return 0
+
+
+def register(add) -> None:
+    r = add("report", "write one self-contained HTML page about a compressed model (histograms, per-tensor table, bits per layer, accuracy)",
+            "example: gobo report out/minilm-3b            # writes out/minilm-3b/report.html")
+    r.add_argument("outdir", metavar="OUTDIR", help="a compressed model directory")
+    r.add_argument("-o", "--output", help="the HTML file to write (default OUTDIR/report.html)")
+    r.add_argument("--source", help="FP32 source model for the histograms (default: the one recorded in the file)")
+    r.set_defaults(fn=_cmd_report)
+
+    s = add("sweep", "quantize at several bit widths and methods, evaluate each, plot accuracy against size",
+            "example: gobo sweep minilm-l6 --bits 2 3 4 --methods gobo directq --limit 1000 -o out/sweep")
+    s.add_argument("model", help="local model directory, or a bundled model: minilm-l6, mpnet-base")
+    s.add_argument("--bits", dest="bits_list", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], metavar="B",
+                   help="bit widths (default 2 3 4 5 6 8)")
+    s.add_argument("--methods", nargs="+", default=["gobo", "directq"], choices=_METHODS, help="methods (default gobo directq)")
+    s.add_argument("-o", "--output", help="output directory (default out/sweep-MODEL); its compressed models are reused when run again")
+    s.add_argument("--limit", type=int, help="evaluate on this many test texts, spread over the split (default: all)")
+    s.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
+    s.set_defaults(fn=_cmd_sweep)
