@@ -28,7 +28,7 @@ EXAMPLES = {
 
 #: modules that add commands; each defines ``register(add)`` where ``add(name, help, example)``
 #: returns an argparse subparser (with --json/--quiet) on which it sets ``fn``
-COMMAND_MODULES: tuple[str, ...] = ("gobo.cli_report", "gobo.hw.cli", "gobo.cli_qbert")
+COMMAND_MODULES: tuple[str, ...] = ("gobo.cli_report", "gobo.hw.cli", "gobo.cli_qbert", "gobo.cli_fqbert")
 
 
 class _Parser(argparse.ArgumentParser):
