@@ -46,7 +46,14 @@ def quantize(
     state = state_numpy(src)
     total = len(names)
     cb = None if progress is None else (lambda name: progress(name, total))
-    cm = quantize_state(state, names, config, progress=cb)
+    sens = None
+    if isinstance(config, GoboConfig) and config.allocate == "sensitivity":  # data-free: synthetic sentences
+        from transformers import AutoTokenizer
+
+        from .calibrate import OutputSensitivity
+
+        sens = OutputSensitivity(src, AutoTokenizer.from_pretrained(model_dir))
+    cm = quantize_state(state, names, config, progress=cb, sensitivity=sens)
     cm.source = {
         "name": str(model),
         "model_type": getattr(src.config, "model_type", "unknown"),

@@ -22,17 +22,21 @@ class GoboConfig:
     """GOBO: Gaussian outliers kept exact, the other weights clustered to 2**bits centroids.
 
     The paper's recipe is ``GoboConfig.paper(bits)``: one codebook per tensor, every tensor
-    at ``bits``, L1-stopped refinement. The default adds three data-free improvements:
-    per-row normalisation of the weights before clustering (row mean and std stored),
-    and a size-aware bit allocation that spends the same number of bytes as uniform
-    ``bits`` codes but moves bits from large tensors (the word embeddings) to small ones.
+    at ``bits``, L1-stopped refinement. The default adds a data-free mixed-precision
+    allocation: the file spends the bytes of ``bits`` per weight, all included (codes,
+    codebooks, outliers), but each tensor gets from ``min_bits`` to ``max_bits`` by greedy
+    rate-distortion, moving bits from large tensors (the word embeddings) to small ones.
+    ``allocate="sensitivity"`` weighs each tensor's error instead by how much of it reaches
+    the model's output on synthetic sentences (:mod:`gobo.calibrate`; slower, needs the model).
+    ``normalize_rows`` (per-row standardisation before clustering) is an option.
     """
 
-    bits: int = 3  # code bits per weight; with allocate="size", the average over weights
+    bits: int = 3  # code bits per weight; with a mixed allocation, the all-in average
     outlier_threshold: float = -4.0  # log-density below which a weight is an outlier (kept FP32)
     clustering: str = "l1"  # "l1" (paper: stop when the L1 error stops falling), "lloyd", "exact"
     normalize_rows: bool = False  # cluster (w - row mean) / row std; stores 2 float16 per row
-    allocate: str = "size"  # "uniform": every tensor at `bits`; "size": data-free mixed bits, same total
+    allocate: str = "size"  # mixed bits, same total: "size" (errors weighed by size**size_exponent),
+    # "sensitivity" (weighed by their data-free output gain, gobo.calibrate), "uniform": all at `bits`
     min_bits: int = 2  # bounds for the size-aware allocation
     max_bits: int = 6
     max_iter: int = 200  # refinement iterations at most
@@ -45,14 +49,14 @@ class GoboConfig:
         _check_bits("max_bits", self.max_bits)
         if self.min_bits > self.max_bits:
             raise ValueError(f"min_bits ({self.min_bits}) must not exceed max_bits ({self.max_bits})")
-        if self.allocate == "size" and not self.min_bits <= self.bits <= self.max_bits:
+        if self.allocate != "uniform" and not self.min_bits <= self.bits <= self.max_bits:
             raise ValueError(f"bits ({self.bits}) must lie between min_bits and max_bits")
         if not isinstance(self.outlier_threshold, (int, float)) or self.outlier_threshold != self.outlier_threshold:
             raise ValueError(f"outlier_threshold must be a number, got {self.outlier_threshold!r}")
         if self.clustering not in ("l1", "lloyd", "exact"):
             raise ValueError(f"clustering must be 'l1', 'lloyd' or 'exact', got {self.clustering!r}")
-        if self.allocate not in ("uniform", "size"):
-            raise ValueError(f"allocate must be 'uniform' or 'size', got {self.allocate!r}")
+        if self.allocate not in ("uniform", "size", "sensitivity"):
+            raise ValueError(f"allocate must be 'uniform', 'size' or 'sensitivity', got {self.allocate!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
 

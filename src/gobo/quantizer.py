@@ -135,6 +135,19 @@ def allocate_bits(
         left -= best[2]
 
 
+def _gain(name: str, prep, weight_error: float, bits: int, sensitivity) -> float:
+    """Output error per unit of relative weight error, rounded to 3 significant digits so
+    that float noise in the measurement cannot change the allocation."""
+    out = sensitivity(name, prep.build(bits).dequantize())
+    g = out / weight_error if weight_error > 0 else 0.0
+    g = max(g, 1e-6)  # a tensor that does not reach the output still costs something
+    return float(f"{g:.3g}")
+
+
+def _weigh(curve: Mapping[int, float], gain: float) -> dict[int, float]:
+    return {b: e * gain for b, e in curve.items()}
+
+
 # ---------------------------------------------------------------------------- driver
 
 
@@ -143,10 +156,14 @@ def quantize_state(
     names: Iterable[str],
     config: GoboConfig | DirectQConfig,
     progress: Callable[[str], None] | None = None,
+    sensitivity: Callable[[str, np.ndarray], float] | None = None,
 ) -> CompressedModel:
     """Quantize ``state[name]`` for each of ``names``; every other tensor is kept as it is.
 
     ``progress(name)`` is called after each tensor (for progress bars).
+    ``sensitivity(name, w)`` (needed by ``allocate="sensitivity"``, e.g. a
+    :class:`gobo.calibrate.OutputSensitivity`) gives the relative output error when tensor
+    ``name`` is replaced by ``w``; it is called once per tensor with its ``bits`` version.
     """
     names = list(names)
     missing = [n for n in names if n not in state]
@@ -179,7 +196,9 @@ def quantize_state(
     with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL
         if isinstance(config, GoboConfig):
             preps = dict(zip(names, pool.map(lambda n: gobo_method.Prepared(arrays[n], config), names)))
-            if config.allocate == "size":
+            if config.allocate == "sensitivity" and sensitivity is None:
+                raise ValueError("allocate='sensitivity' needs the model to measure output sensitivity; use gobo.quantize")
+            if config.allocate in ("size", "sensitivity"):
                 rng = range(config.min_bits, config.max_bits + 1)
 
                 def curve(n: str) -> dict[int, float]:
@@ -190,8 +209,12 @@ def quantize_state(
                 curves = dict(zip(names, pool.map(curve, names)))
                 sizes = {n: arrays[n].size for n in names}
                 fixed = {n: preps[n].fixed_nbytes() for n in names}
+                exponent = config.size_exponent
+                if config.allocate == "sensitivity":
+                    curves = {n: _weigh(curves[n], _gain(n, preps[n], curves[n][config.bits], config.bits, sensitivity)) for n in names}
+                    exponent = 0.0
                 # all-in budget: everything stored for these tensors fits in `bits` per weight
-                bits_of = allocate_bits(curves, sizes, config.bits * sum(sizes.values()) / 8.0, fixed, config.size_exponent)
+                bits_of = allocate_bits(curves, sizes, config.bits * sum(sizes.values()) / 8.0, fixed, exponent)
             else:
                 bits_of = {n: config.bits for n in names}
             built = pool.map(lambda n: preps[n].build(bits_of[n]), names)
