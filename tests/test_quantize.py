@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import gobo
-from gobo.config import GoboConfig
+from gobo.config import GoboConfig, config_from_json, config_to_json
 from gobo.hf import quantizable_names, state_numpy
 from gobo.methods.gobo import Prepared, assign, cluster_sorted
 from gobo.quantizer import allocate_bits, quantize_state, select
@@ -250,6 +250,37 @@ def test_quantizing_twice_gives_byte_identical_files(gobo_paper3, tmp_path):
     first = hashlib.sha256(gobo_paper3.file.read_bytes()).hexdigest()
     second = hashlib.sha256(second_file.read_bytes()).hexdigest()
     assert first == second
+
+
+def test_average_bits_budget_is_spent_and_never_exceeded(minilm_state):
+    """GoboConfig(average=2.5): a fractional all-in budget for the mixed allocation."""
+    names = select(minilm_state, ["encoder.layer.0.*", "encoder.layer.1.*"], ["*bias", "*LayerNorm*"])
+    cm = quantize_state(minilm_state, names, GoboConfig(average=2.5))
+    numel = sum(q.numel for q in cm.quantized.values())
+    all_in = 8 * sum(q.nbytes() for q in cm.quantized.values()) / numel
+    assert 2.4 <= all_in <= 2.5  # greedy steps are whole bits of one tensor: close below, never above
+    assert {q.bits for q in cm.quantized.values()} >= {2, 3}
+    assert config_from_json(config_to_json(cm.config)) == cm.config
+
+
+def test_average_is_left_out_of_the_file_metadata_at_its_default():
+    assert "average" not in config_to_json(GoboConfig())["data"]  # files made before it keep their bytes
+    assert config_to_json(GoboConfig(average=2.5))["data"]["average"] == 2.5
+
+
+@pytest.mark.parametrize("kw, match", [({"average": 1.5}, "between min_bits"), ({"average": 2.5, "allocate": "uniform"}, "mixed allocation"),
+                                       ({"average": -1.0}, "non-negative")])
+def test_bad_average_raises(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GoboConfig(**kw)
+
+
+def test_size_budget_in_mb_gives_a_file_within_it(tmp_path):
+    cm = gobo.quantize("minilm-l6", size_mb=7.0)
+    path = gobo.save(cm, tmp_path / "m") / "gobo.safetensors"
+    assert 6.8e6 <= path.stat().st_size <= 7.0e6  # measured 6.98 MB
+    with pytest.raises(ValueError, match="choose a size from"):
+        gobo.quantize("minilm-l6", size_mb=3.0)
 
 
 def test_size_aware_allocation_is_deterministic(minilm_state):

@@ -157,8 +157,15 @@ def _cmd_quantize(args) -> int:
         raise UserError(f"{out} already exists and is not empty; choose another path or pass --force")
     if getattr(args, "mixed", None) and args.method != "qbert":
         raise UserError("--mixed applies to --method qbert only")
+    if (args.avg_bits is not None or args.size_mb is not None) and args.method != "gobo":
+        raise UserError("--avg-bits and --size-mb apply to --method gobo only")
+    if args.avg_bits is not None and args.size_mb is not None:
+        raise UserError("give either --avg-bits or --size-mb, not both")
     try:
-        config = method_config(args.method, args.bits, **({"mixed": args.mixed} if getattr(args, "mixed", None) else {}))
+        extra = {"mixed": args.mixed} if getattr(args, "mixed", None) else {}
+        if args.avg_bits is not None:
+            extra["average"] = args.avg_bits
+        config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     t0 = time.perf_counter()
@@ -169,7 +176,8 @@ def _cmd_quantize(args) -> int:
                 bar.bar.set_postfix_str(name.rsplit(".", 2)[-2] if "." in name else name, refresh=False)
             bar.update()
 
-        cm = gobo.quantize(args.model, config, include=args.include or ("*",), exclude=args.exclude or (), progress=progress)
+        cm = gobo.quantize(args.model, config, include=args.include or ("*",), exclude=args.exclude or (), progress=progress,
+                           size_mb=args.size_mb)
     seconds = time.perf_counter() - t0
     gobo.save(cm, out, overwrite=args.force)
     s = summarize(cm, out / WEIGHTS_FILE)
@@ -371,6 +379,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=3, help="bits per weight, 1-8 (default 3)")
     q.add_argument("--method", default="gobo", choices=["gobo", "gobo-paper", "directq", "qbert"], help="gobo (default: data-free improvements), gobo-paper (the paper's recipe), directq (uniform per-row), qbert (group-wise uniform, embeddings at 8 bits)")
     q.add_argument("--mixed", metavar="LOW/HIGH", help="qbert only: Hessian-ranked mixed precision per layer, e.g. 2/3 (measures the sensitivity on the training split first)")
+    q.add_argument("--avg-bits", type=float, metavar="B", help="gobo only: mixed precision spending B bits per weight on average, all included (e.g. 2.5)")
+    q.add_argument("--size-mb", type=float, metavar="MB", help="gobo only: mixed precision filling a file of at most MB megabytes")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -41,7 +41,9 @@ class GoboConfig:
     max_bits: int = 6
     max_iter: int = 200  # refinement iterations at most
     size_exponent: float = 0.5  # allocation: a tensor's relative error weighs (its weights)**size_exponent
+    average: float = 0.0  # mixed allocation: all-in bits per weight to spend, e.g. 2.5; 0 = `bits`
     version: int = 1
+    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("average",)  # left out of the JSON at their default
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -51,6 +53,13 @@ class GoboConfig:
             raise ValueError(f"min_bits ({self.min_bits}) must not exceed max_bits ({self.max_bits})")
         if self.allocate != "uniform" and not self.min_bits <= self.bits <= self.max_bits:
             raise ValueError(f"bits ({self.bits}) must lie between min_bits and max_bits")
+        if isinstance(self.average, bool) or not isinstance(self.average, (int, float)) or self.average < 0:
+            raise ValueError(f"average must be a non-negative number of bits per weight, got {self.average!r}")
+        if self.average:
+            if self.allocate == "uniform":
+                raise ValueError("average needs a mixed allocation (allocate='size' or 'sensitivity'), not 'uniform'")
+            if not self.min_bits <= self.average <= self.max_bits:
+                raise ValueError(f"average ({self.average}) must lie between min_bits ({self.min_bits}) and max_bits ({self.max_bits})")
         if not isinstance(self.outlier_threshold, (int, float)) or self.outlier_threshold != self.outlier_threshold:
             raise ValueError(f"outlier_threshold must be a number, got {self.outlier_threshold!r}")
         if self.clustering not in ("l1", "lloyd", "exact"):

@@ -214,7 +214,7 @@ def quantize_state(
                     curves = {n: _weigh(curves[n], _gain(n, preps[n], curves[n][config.bits], config.bits, sensitivity)) for n in names}
                     exponent = 0.0
                 # all-in budget: everything stored for these tensors fits in `bits` per weight
-                bits_of = allocate_bits(curves, sizes, config.bits * sum(sizes.values()) / 8.0, fixed, exponent)
+                bits_of = allocate_bits(curves, sizes, (config.average or config.bits) * sum(sizes.values()) / 8.0, fixed, exponent)
             else:
                 bits_of = {n: config.bits for n in names}
             built = pool.map(lambda n: preps[n].build(bits_of[n]), names)
