@@ -1,4 +1,5 @@
-"""``gobo report`` (one HTML page per compressed model) and ``gobo sweep`` (accuracy vs size)."""
+"""``gobo report`` (one HTML page per compressed model), ``gobo sweep`` (accuracy vs size) and
+``gobo compare`` (every method on one model, the Q-BERT-style table)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,50 @@ def register(add) -> None:
     s.add_argument("--limit", type=int, help="evaluate on this many test texts, spread over the split (default: all)")
     s.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
     s.set_defaults(fn=_cmd_sweep)
+    register_compare(add)
+
+
+def _cmd_compare(args) -> int:
+    from .cli import UserError, _Bar, _print_json
+    from .compare import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, default_rows, markdown, run_compare, select_rows
+
+    for name, v in (("--limit", args.limit), ("--train-limit", args.train_limit)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be a positive number of texts, got {v}")
+    try:
+        rows = select_rows(default_rows(qat=not args.no_qat), args.rows)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.list:
+        for r in rows:
+            print(f"{r.key:22s} {r.label}")
+        return 0
+    out = Path(args.output) if args.output else Path("out") / f"compare-{Path(str(args.model)).name}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another output directory with -o")
+
+    def stage(desc: str, total: int | None, unit: str):
+        return _Bar(args.quiet, total, desc, unit)
+
+    t0 = time.perf_counter()
+    doc = run_compare(args.model, out, rows, limit=args.limit, train_limit=args.train_limit, stage=stage)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        _print_json({**doc, "output": str(out), "markdown": str(out / COMPARE_MD), "plot": str(out / COMPARE_PNG), "seconds": seconds})
+    else:
+        print(markdown(doc))
+        print(f"table: {out / COMPARE_MD}\njson:  {out / COMPARE_JSON}\nplot:  {out / COMPARE_PNG}\nmodels: {out}/KEY ({seconds:.0f} s)")
+    return 0
+
+
+def register_compare(add) -> None:
+    c = add("compare", "every method on one model, measured in one run: the Q-BERT-style comparison table (markdown, JSON, plot)",
+            "example: gobo compare minilm-l6 -o out/compare-minilm           # --rows 'gobo-*' 'qbert-3*' for a part")
+    c.add_argument("model", help="local model directory, or a bundled model: minilm-l6, mpnet-base")
+    c.add_argument("-o", "--output", help="output directory (default out/compare-MODEL); rows already measured there are reused")
+    c.add_argument("--rows", nargs="+", metavar="GLOB", help="only the rows whose keys match (FP32 always); --list shows the keys")
+    c.add_argument("--no-qat", action="store_true", help="leave out the fine-tuned Q-BERT rows (the slow ones)")
+    c.add_argument("--list", action="store_true", help="list the rows and exit")
+    c.add_argument("--limit", type=int, help="evaluate on this many test texts, spread over the split (default: all)")
+    c.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
+    c.set_defaults(fn=_cmd_compare)
