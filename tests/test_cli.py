@@ -21,7 +21,7 @@ from gobo.io import WEIGHTS_FILE, read_compressed
 
 from conftest import TINY
 
-SUBCOMMANDS = ["quantize", "inspect", "eval", "demo", "models", "data"]
+SUBCOMMANDS = ["quantize", "inspect", "eval", "demo", "models", "data", "report", "sweep", "compare", "hw", "sensitivity", "qat", "fqbert"]
 
 
 def run_gobo(*args, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -140,6 +140,16 @@ def test_help_has_an_example(command, tmp_path):
     proc = run_gobo(command, "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "example:" in proc.stdout and f"gobo {command}" in proc.stdout
+
+
+def test_every_registered_command_is_covered():
+    from gobo.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert sorted(sub.choices) == sorted(SUBCOMMANDS)
+    for name, parser in sub.choices.items():  # --json and --quiet on every command
+        flags = {o for a in parser._actions for o in a.option_strings}
+        assert {"--json", "--quiet"} <= flags, name
 
 
 def test_top_level_help_lists_every_command(tmp_path):

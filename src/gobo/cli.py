@@ -362,7 +362,7 @@ def _cmd_data(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gobo", description="Compress BERT-family encoders after training (GOBO, DirectQ) and check what it cost.")
+    p = _Parser(prog="gobo", description="Compress BERT-family encoders after training (GOBO, Q-BERT, FQ-BERT, DirectQ) and check what it cost.")
     p.add_argument("--version", action="version", version="gobo 0.1.0")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
