@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from .runs import fmt_bytes, json_clean
+
 __all__ = ["main"]
 
 EXAMPLES = {
@@ -45,12 +47,7 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------- rendering
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    return f"{n:.2f} GB"
+_fmt_bytes = fmt_bytes  # used by the command modules
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -75,16 +72,7 @@ def _json_default(o):
 
 
 def _print_json(obj) -> None:
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    print(json.dumps(clean(obj), indent=2, default=_json_default))
+    print(json.dumps(json_clean(obj), indent=2, default=_json_default))
 
 
 class _Bar:

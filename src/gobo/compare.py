@@ -16,15 +16,15 @@ models stay in ``OUT/KEY`` (``gobo report``, ``gobo eval`` and ``gobo hw`` read 
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Sequence
+
+from .runs import Stage, atomic_write, json_clean, setup_run
 
 __all__ = ["COMPARE_JSON", "COMPARE_MD", "COMPARE_PNG", "Row", "RowResult", "default_rows", "markdown", "run_compare", "select_rows"]
 
@@ -32,9 +32,6 @@ COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
 COMPARE_PNG = "compare.png"
 _VERSION = 1
-
-#: stage(description, total or None, unit) -> a context manager with update(n): progress
-Stage = Callable[[str, "int | None", str], ContextManager]
 
 
 @dataclass(frozen=True)
@@ -142,27 +139,6 @@ def _fingerprint(row: Row, sha: str, n_test: int, n_train: int) -> dict:
     return json.loads(json.dumps(doc))  # as stored: tuples become lists
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    from .sweep import _atomic_write as write
-
-    write(path, data)
-
-
-def _clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
 def run_compare(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -179,30 +155,17 @@ def run_compare(
     reused.
     """
     import numpy as np
-    from transformers import AutoTokenizer
 
     import gobo
 
-    from .assets import resolve_model
-    from .evaluate import compare, encode, prepare_benchmark
-    from .hf import load_source, weights_sha256
+    from .evaluate import compare, encode
     from .io import WEIGHTS_FILE
 
     rows = list(rows) if rows is not None else default_rows()
-    src_dir = resolve_model(model)
+    run = setup_run(model, out, limit, train_limit, stage)
+    src_dir, sha, tok, fp32, bench, bar = run.src_dir, run.sha, run.tokenizer, run.fp32, run.bench, run.bar
+    n_test, n_train = run.n_test, run.n_train
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; choose another output directory")
-
-    def bar(desc: str, total: int | None, unit: str):
-        return stage(desc, total, unit) if stage is not None else contextlib.nullcontext(_NoBar())
-
-    sha = weights_sha256(src_dir)
-    tok = AutoTokenizer.from_pretrained(str(src_dir))
-    fp32 = load_source(src_dir)
-    with bar("probe (FP32 train)", None, "text") as b:
-        bench = prepare_benchmark(fp32, tok, source_sha=sha, n_train=train_limit, n_test=limit, progress=b.update)
-    n_test, n_train = len(bench.test_texts), len(bench.train_texts)
     labels = np.asarray(bench.test_labels)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     e32 = None
@@ -276,7 +239,7 @@ def run_compare(
                             ev.mean_cosine, total - emb, total, fp32_bytes / total, row.finetune, row.data, secs, "")
         else:
             raise ValueError(f"unknown row kind {row.kind!r}")
-        _atomic_write(stored, (json.dumps(_clean({"fingerprint": fp, "result": asdict(res)}), indent=1) + "\n").encode())
+        atomic_write(stored, (json.dumps(json_clean({"fingerprint": fp, "result": asdict(res)}), indent=1) + "\n").encode())
         results.append(res)
         doc = _document(model, src_dir, sha, n_test, n_train, results)
         _write_outputs(out, doc)
@@ -286,7 +249,7 @@ def run_compare(
 
 
 def _document(model, src_dir, sha, n_test, n_train, results) -> dict:
-    return _clean({
+    return json_clean({
         "version": _VERSION,
         "benchmark": "rotten-tomatoes-frozen-probe",
         "model": str(model),
@@ -299,8 +262,8 @@ def _document(model, src_dir, sha, n_test, n_train, results) -> dict:
 
 
 def _write_outputs(out: Path, doc: dict, plot: bool = False) -> None:
-    _atomic_write(out / COMPARE_JSON, (json.dumps(doc, indent=2) + "\n").encode())
-    _atomic_write(out / COMPARE_MD, markdown(doc).encode())
+    atomic_write(out / COMPARE_JSON, (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write(out / COMPARE_MD, markdown(doc).encode())
     if plot:
         try:
             plot_compare(doc, out / COMPARE_PNG)
@@ -370,5 +333,5 @@ def plot_compare(doc: dict, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     path = Path(path)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path

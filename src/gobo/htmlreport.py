@@ -21,13 +21,14 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .runs import atomic_write, fmt_bytes
 
 __all__ = ["REPORT_FILE", "ReportInfo", "build_report", "outlier_bounds", "write_report"]
 
@@ -71,14 +72,6 @@ def _group_of(name: str) -> tuple[str, str]:
             return ".".join(parts[: i + 1]), (f"{parts[i - 1]} {p}" if i else p)
     head = parts[0] if len(parts) > 1 else name
     return head, head
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    return f"{n:.2f} GB"
 
 
 def _fmt_db(x: float) -> str:
@@ -450,7 +443,7 @@ def _build(outdir: Path, source, progress: Callable[[int, int], None] | None) ->
             (f"{pct:.3f}", repr(pct)),
             (_fmt_db(t.sqnr_db), _sort_value(t.sqnr_db)),
             (f"{t.bits_per_weight:.2f}", repr(t.bits_per_weight)),
-            (_fmt_bytes(t.nbytes), str(t.nbytes)),
+            (fmt_bytes(t.nbytes), str(t.nbytes)),
             (f"{t.ratio:.1f}", repr(t.ratio)),
         ]
         tds = "".join(f"<td>{c}</td>" if v is None else f'<td data-v="{v}">{c}</td>' for c, v in cells)
@@ -481,7 +474,7 @@ def _build(outdir: Path, source, progress: Callable[[int, int], None] | None) ->
     cfg = config_to_json(cm.config)
     cards = [
         _card(f"{s.ratio:.2f}x", "smaller than FP32"),
-        _card(_fmt_bytes(s.file_bytes or s.stored_bytes), f"file (FP32 {_fmt_bytes(s.fp32_bytes)})"),
+        _card(fmt_bytes(s.file_bytes or s.stored_bytes), f"file (FP32 {fmt_bytes(s.fp32_bytes)})"),
         _card(f"{s.avg_code_bits:.2f}", "code bits per weight (average)"),
         _card(f"{s.bits_per_weight:.2f}", "bits per weight, all included"),
         _card(f"{100 * s.outlier_fraction:.3f} %", "outliers kept FP32"),
@@ -548,13 +541,5 @@ def write_report(outdir: str | os.PathLike, output: str | os.PathLike | None = N
     path = Path(output) if output is not None else outdir / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     data = page.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return ReportInfo(path=path, nbytes=len(data), **meta)

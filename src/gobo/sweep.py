@@ -10,24 +10,20 @@ made), evaluated against FP32 on the same test texts with the same frozen probe
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Sequence
+
+from .runs import Stage, atomic_write, json_clean, setup_run
 
 __all__ = ["SWEEP_JSON", "SWEEP_PNG", "SweepPoint", "SweepResult", "plot_sweep", "run_sweep", "sweep_config"]
 
 SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
 _VERSION = 1
-
-#: stage(description, total or None, unit) -> a context manager with update(n): progress
-Stage = Callable[[str, "int | None", str], ContextManager]
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ class SweepResult:
     def to_dict(self) -> dict:
         """The JSON document (``sweep.json``); ``fp32`` and ``results`` have the keys that
         ``gobo eval --json`` prints."""
-        return _clean({
+        return json_clean({
             "version": _VERSION,
             "benchmark": "rotten-tomatoes-frozen-probe",
             "model": self.model,
@@ -76,16 +72,6 @@ class SweepResult:
         })
 
 
-def _clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
 def sweep_config(method: str, bits: int):
     """The method config of one sweep point. gobo's size-aware allocation keeps each tensor
     within [2, 6] bits; a sweep point outside that range widens the bounds to reach it."""
@@ -94,18 +80,6 @@ def sweep_config(method: str, bits: int):
     if method == "gobo":
         return method_config("gobo", bits, min_bits=min(2, bits), max_bits=max(6, bits))
     return method_config(method, bits)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _reusable(d: Path, config_json: dict, sha: str) -> bool:
@@ -140,33 +114,19 @@ def run_sweep(
     """
     import gobo
 
-    from .assets import resolve_model
     from .config import config_to_json
     from .evalstore import load_eval, save_eval
-    from .evaluate import compare, encode, prepare_benchmark
-    from .hf import load_source, weights_sha256
+    from .evaluate import compare, encode
     from .io import WEIGHTS_FILE, read_compressed
     from .report import summarize
 
     if not bits or not methods:
         raise ValueError("a sweep needs at least one bit width and one method")
     settings = [(m, b, sweep_config(m, b)) for m in dict.fromkeys(methods) for b in dict.fromkeys(bits)]
-    src_dir = resolve_model(model)
+    run = setup_run(model, out, limit, train_limit, stage)
+    src_dir, sha, tok, fp32, bench, bar = run.src_dir, run.sha, run.tokenizer, run.fp32, run.bench, run.bar
+    n_test, n_train = run.n_test, run.n_train
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; choose another output directory")
-
-    def bar(desc: str, total: int | None, unit: str):
-        return stage(desc, total, unit) if stage is not None else contextlib.nullcontext(_NoBar())
-
-    from transformers import AutoTokenizer
-
-    sha = weights_sha256(src_dir)
-    tok = AutoTokenizer.from_pretrained(str(src_dir))
-    fp32 = load_source(src_dir)
-    with bar("probe (FP32 train)", None, "text") as b:
-        bench = prepare_benchmark(fp32, tok, source_sha=sha, n_train=train_limit, n_test=limit, progress=b.update)
-    n_test, n_train = len(bench.test_texts), len(bench.train_texts)
     out.mkdir(parents=True, exist_ok=True)
 
     e32 = s32 = None
@@ -219,15 +179,10 @@ def run_sweep(
             mean_cosine=float(r["mean_cosine"]), n_test=n_test, quantize_seconds=qsec, reused=reused,
         ))
         result = SweepResult(str(model), str(src_dir), sha, n_test, n_train, fp32_accuracy, fp32_bytes, tuple(points))
-        _atomic_write(out / SWEEP_JSON, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
+        atomic_write(out / SWEEP_JSON, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
     assert result is not None
     plot_sweep(result, out / SWEEP_PNG)
     return result
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
 
 
 def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
@@ -266,5 +221,5 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     path = Path(path)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
