@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .runs import Stage, atomic_write, json_clean, setup_run
+from .runs import Stage, atomic_write, json_clean, save_png, setup_run
 
 __all__ = ["COMPARE_JSON", "COMPARE_MD", "COMPARE_PNG", "Row", "RowResult", "default_rows", "markdown", "run_compare", "select_rows"]
 
@@ -302,8 +302,6 @@ def markdown(doc: dict) -> str:
 
 def plot_compare(doc: dict, path: str | os.PathLike) -> Path:
     """Accuracy against total size, one marker per row, FP32 as the reference line."""
-    import io
-
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8.0, 4.2), dpi=100)
@@ -330,8 +328,4 @@ def plot_compare(doc: dict, path: str | os.PathLike) -> Path:
     ax.legend(fontsize=7, frameon=False)
     ax.set_title(f"{Path(doc['model']).name}: frozen probe, {doc['n_test']} test texts", fontsize=9)
     fig.tight_layout(pad=0.5)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    path = Path(path)
-    atomic_write(path, buf.getvalue())
-    return path
+    return save_png(fig, path)

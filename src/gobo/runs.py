@@ -99,3 +99,12 @@ def setup_run(model, out: str | os.PathLike, limit: int | None, train_limit: int
     with bar("probe (FP32 train)", None, "text") as b:
         bench = prepare_benchmark(fp32, tok, source_sha=sha, n_train=train_limit, n_test=limit, progress=b.update)
     return RunSetup(Path(src_dir), sha, tok, fp32, bench, bar)
+
+
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure as PNG, written atomically, with no software tag (same bytes each run)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return atomic_write(path, buf.getvalue())

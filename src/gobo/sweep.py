@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .runs import Stage, atomic_write, json_clean, setup_run
+from .runs import Stage, atomic_write, json_clean, save_png, setup_run
 
 __all__ = ["SWEEP_JSON", "SWEEP_PNG", "SweepPoint", "SweepResult", "plot_sweep", "run_sweep", "sweep_config"]
 
@@ -188,8 +188,6 @@ def run_sweep(
 def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
     """Accuracy and agreement against file size, one line per method, FP32 as reference;
     written atomically as PNG."""
-    import io
-
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9.0, 3.6), dpi=100)
@@ -218,8 +216,4 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
         ax.legend(fontsize=7, frameon=False)
     fig.suptitle(f"{Path(result.model).name}: frozen probe, {result.n_test} test texts", fontsize=9)
     fig.tight_layout(pad=0.5)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    path = Path(path)
-    atomic_write(path, buf.getvalue())
-    return path
+    return save_png(fig, path)

@@ -86,13 +86,10 @@ def fit(weight: np.ndarray, bits: int, group_rows: int, symmetric: bool = True, 
         raise ValueError(f"storage must be 'auto', 'groups' or 'rows', got {storage!r}")
     from ..qtensor import QuantizedTensor
 
-    w32 = np.ascontiguousarray(weight, dtype=np.float32)
-    if w32.size == 0:
-        raise ValueError("cannot quantize an empty tensor")
-    if not np.isfinite(w32).all():
-        raise ValueError("the tensor holds NaN or infinite values")
-    rows = w32.shape[0] if w32.ndim > 1 else 1
-    w2 = w32.reshape(rows, -1)  # (rows, cols)
+    from .uniform import as_rows
+
+    w32, w2 = as_rows(weight)  # (rows, cols)
+    rows = w2.shape[0]
     group_rows = min(max(1, int(group_rows)), rows)
     starts = np.arange(0, rows, group_rows)
     top = (1 << bits) - 1

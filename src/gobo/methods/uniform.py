@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fit"]
+__all__ = ["as_rows", "fit"]
+
+
+def as_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(w32, w2)``: the weights as contiguous float32 and as a (rows, cols) view; ValueError
+    for an empty tensor or one with NaN or infinite values."""
+    w32 = np.ascontiguousarray(weight, dtype=np.float32)
+    if w32.size == 0:
+        raise ValueError("cannot quantize an empty tensor")
+    if not np.isfinite(w32).all():
+        raise ValueError("the tensor holds NaN or infinite values")
+    return w32, w32.reshape(w32.shape[0] if w32.ndim > 1 else 1, -1)
 
 
 def fit(weight: np.ndarray, bits: int, granularity: str = "row") -> "QuantizedTensor":
@@ -24,13 +35,8 @@ def fit(weight: np.ndarray, bits: int, granularity: str = "row") -> "QuantizedTe
         qt.method = "directq"
         return qt
 
-    w32 = np.ascontiguousarray(weight, dtype=np.float32)
-    if w32.size == 0:
-        raise ValueError("cannot quantize an empty tensor")
-    if not np.isfinite(w32).all():
-        raise ValueError("the tensor holds NaN or infinite values")
-    rows = w32.shape[0] if w32.ndim > 1 else 1
-    w2 = w32.reshape(rows, -1)
+    w32, w2 = as_rows(weight)
+    rows = w2.shape[0]
     levels = (1 << bits) - 1
     lo = w2.min(axis=1)
     hi = w2.max(axis=1)
