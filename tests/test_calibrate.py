@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from gobo.calibrate import OutputSensitivity, synthetic_batch
-from gobo.config import GoboConfig
+from gobo.calibrate import OutputSensitivity, match_output_means, synthetic_batch
+from gobo.config import GoboConfig, config_from_json, config_to_json
 from gobo.quantizer import quantize_state, select
 
 
@@ -59,3 +61,54 @@ def test_sensitivity_allocation_follows_the_measured_gain(minilm_state):
     assert bits[value] == max(bits.values()) and bits[value] > min(bits.values())
     numel = sum(q.numel for q in cm.quantized.values())
     assert 8 * sum(q.nbytes() for q in cm.quantized.values()) / numel <= 3.0 + 1e-9
+
+
+def _linear_output_means(model, ids, mask):
+    means, hooks = {}, []
+    m = mask.unsqueeze(-1).double()
+    for n, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(mod, inp, out, n=n):
+                if out.dim() == 3:
+                    means[n] = (out.double() * m).sum((0, 1)) / m.sum()
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    return means
+
+
+def test_matched_biases_give_every_linear_its_fp32_mean_output(minilm_fp32, minilm_state, tokenizer):
+    names = select(minilm_state, ["encoder.layer.*.weight", "embeddings.word_embeddings.weight"], ["*LayerNorm*"])
+    cm = quantize_state(minilm_state, names, GoboConfig(bits=2, allocate="uniform"))
+    deq = {n: q.dequantize() for n, q in cm.quantized.items()}
+    before = {k: v.detach().clone() for k, v in minilm_fp32.state_dict().items()}
+    new = match_output_means(minilm_fp32, tokenizer, deq, cm.dense, n_seqs=16, max_len=24, seed=1)
+    assert all(torch.equal(v, before[k]) for k, v in minilm_fp32.state_dict().items())  # model put back
+    assert len(new) == 6 * 6  # q, k, v, attention output, intermediate, output in 6 layers; not the pooler
+    assert all(np.isfinite(b).all() and b.dtype == np.float32 for b in new.values())
+    again = match_output_means(minilm_fp32, tokenizer, deq, cm.dense, n_seqs=16, max_len=24, seed=1)
+    assert all(np.array_equal(new[k], again[k]) for k in new)  # deterministic
+    ids, mask = synthetic_batch(tokenizer, 16, 24, seed=1)
+    ref = _linear_output_means(minilm_fp32, ids, mask)
+    quant = copy.deepcopy(minilm_fp32)
+    quant.load_state_dict({**before, **{k: torch.from_numpy(v) for k, v in {**deq, **new}.items()}}, strict=True)
+    got = _linear_output_means(quant, ids, mask)
+    plain = copy.deepcopy(minilm_fp32)
+    plain.load_state_dict({**before, **{k: torch.from_numpy(v) for k, v in deq.items()}}, strict=True)
+    raw = _linear_output_means(plain, ids, mask)
+    for n in (k[: -len(".bias")] for k in new):
+        scale = ref[n].abs().max().item() + 1e-3
+        assert (got[n] - ref[n]).abs().max().item() <= 1e-4 * scale, n  # float32 rounding only
+    # 2-bit weights shift the mean outputs visibly before the correction
+    assert max((raw[n] - ref[n]).abs().max().item() for n in got) > 1e-2
+
+
+def test_correct_bias_is_recorded_only_when_set_and_old_files_read_as_off():
+    assert "correct_bias" not in config_to_json(GoboConfig())["data"]
+    doc = config_to_json(GoboConfig(correct_bias=True))
+    assert doc["data"]["correct_bias"] is True and config_from_json(doc) == GoboConfig(correct_bias=True)
+    assert GoboConfig.paper(3).correct_bias is False
+    with pytest.raises(ValueError, match="correct_bias"):
+        GoboConfig(correct_bias="yes")

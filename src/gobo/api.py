@@ -60,6 +60,13 @@ def quantize(
 
         sens = OutputSensitivity(src, AutoTokenizer.from_pretrained(model_dir))
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens)
+    if isinstance(config, GoboConfig) and config.correct_bias:  # data-free: synthetic sentences
+        from transformers import AutoTokenizer
+
+        from .calibrate import match_output_means
+
+        deq = {n: q.dequantize() for n, q in cm.quantized.items()}
+        cm.dense.update(match_output_means(src, AutoTokenizer.from_pretrained(model_dir), deq, cm.dense))
     cm.source = {
         "name": str(model),
         "model_type": getattr(src.config, "model_type", "unknown"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["OutputSensitivity", "synthetic_batch"]
+__all__ = ["OutputSensitivity", "match_output_means", "synthetic_batch"]
 
 #: Zipf exponent of the token-rank law (about 1 for natural text)
 ZIPF_EXPONENT = 1.0
@@ -94,3 +94,77 @@ class OutputSensitivity:
             with torch.no_grad():
                 p.copy_(keep)
         return err / max(self.energy, 1e-300)
+
+
+def match_output_means(model, tokenizer, quantized: dict[str, np.ndarray], biases: dict[str, np.ndarray],
+                       n_seqs: int = 128, max_len: int = 48, seed: int = 0) -> dict[str, np.ndarray]:
+    """New biases that give every quantized Linear the mean output it had in FP32.
+
+    ``model`` is the FP32 source (restored before returning); ``quantized`` maps parameter
+    names to their dequantized weights (Linear and Embedding), ``biases`` the FP32 biases.
+    One FP32 pass over the synthetic batch records the mean input ``mu`` of every Linear
+    (real tokens only). One pass of the quantized model follows, in which each Linear, just
+    before it runs, sees its actual input mean ``mu_q`` (which carries every error upstream,
+    already corrected there) and gets the bias ``b + W mu - W_q mu_q``: its mean output over
+    the batch is then the FP32 one. The data-free bias correction of Nagel et al. (2019)
+    uses FP32 means for both terms; taking ``mu_q`` from the quantized network corrects the
+    mean shift that accumulates through the layers as well. Linears that never see token
+    states (a pooler) keep their bias.
+    """
+    import torch
+
+    ids, mask = synthetic_batch(tokenizer, n_seqs, max_len, seed)
+    m = mask.unsqueeze(-1).to(torch.float64)
+    count = float(mask.sum())
+    linears = {n: mod for n, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and f"{n}.weight" in quantized and f"{n}.bias" in biases}
+
+    def masked_mean(x):
+        return (x.to(torch.float64) * m).sum((0, 1)) / count
+
+    means: dict[str, torch.Tensor] = {}
+
+    def record(n):
+        def hook(mod, inp):
+            if inp[0].dim() == 3:
+                means[n] = masked_mean(inp[0])
+        return hook
+
+    new: dict[str, np.ndarray] = {}
+
+    def correct(n):
+        w = linears[n].weight.detach().to(torch.float64).clone()  # FP32 weight, read before the swap
+        b = torch.from_numpy(np.asarray(biases[f"{n}.bias"], dtype=np.float64))
+        wq = torch.from_numpy(np.asarray(quantized[f"{n}.weight"], dtype=np.float64)).reshape(w.shape)
+
+        def hook(mod, inp):
+            if inp[0].dim() != 3 or n not in means:
+                return
+            nb = b + w @ means[n] - wq @ masked_mean(inp[0])
+            new[f"{n}.bias"] = nb.to(torch.float32).numpy()
+            mod.bias.copy_(torch.from_numpy(new[f"{n}.bias"]))
+        return hook
+
+    params = dict(model.named_parameters())
+    keep = {k: params[k].detach().clone() for k in quantized if k in params}
+    keep.update({k: params[k].detach().clone() for k in (f"{n}.bias" for n in linears)})
+    handles = []
+    try:
+        handles = [mod.register_forward_pre_hook(record(n)) for n, mod in linears.items()]
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        for h in handles:
+            h.remove()
+        handles = [mod.register_forward_pre_hook(correct(n)) for n, mod in linears.items()]
+        with torch.no_grad():
+            for k in keep:
+                if k in quantized:
+                    params[k].copy_(torch.from_numpy(np.ascontiguousarray(quantized[k], dtype=np.float32)).reshape(params[k].shape))
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for k, v in keep.items():
+                params[k].copy_(v)
+    return new

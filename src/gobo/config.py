@@ -42,8 +42,11 @@ class GoboConfig:
     max_iter: int = 200  # refinement iterations at most
     size_exponent: float = 0.5  # allocation: a tensor's relative error weighs (its weights)**size_exponent
     average: float = 0.0  # mixed allocation: all-in bits per weight to spend, e.g. 2.5; 0 = `bits`
+    correct_bias: bool = False  # Linear biases re-fitted so mean outputs match FP32 on synthetic sentences
     version: int = 1
-    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("average",)  # left out of the JSON at their default
+    #: fields added after version 1, with the value a file written before them implies: left
+    #: out of the JSON at that value (old files keep their bytes) and assumed when absent
+    _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -55,6 +58,8 @@ class GoboConfig:
             raise ValueError(f"bits ({self.bits}) must lie between min_bits and max_bits")
         if isinstance(self.average, bool) or not isinstance(self.average, (int, float)) or self.average < 0:
             raise ValueError(f"average must be a non-negative number of bits per weight, got {self.average!r}")
+        if not isinstance(self.correct_bias, bool):
+            raise ValueError(f"correct_bias must be True or False, got {self.correct_bias!r}")
         if self.average:
             if self.allocate == "uniform":
                 raise ValueError("average needs a mixed allocation (allocate='size' or 'sensitivity'), not 'uniform'")
@@ -72,7 +77,7 @@ class GoboConfig:
     @classmethod
     def paper(cls, bits: int = 3, **kw) -> "GoboConfig":
         """The recipe of the MICRO 2020 paper, unchanged."""
-        return cls(bits=bits, clustering="l1", normalize_rows=False, allocate="uniform", **kw)
+        return cls(**{"bits": bits, "clustering": "l1", "normalize_rows": False, "allocate": "uniform", "correct_bias": False, **kw})
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class DirectQConfig:
     bits: int = 3
     granularity: str = "row"  # "row": one range per row; "tensor": one range per matrix
     version: int = 1
-    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("granularity",)  # left out of the JSON at their default
+    _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"granularity": "row"}  # see GoboConfig
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -172,9 +177,9 @@ def config_to_json(cfg) -> dict:
         if type(cfg) is cls:
             data = asdict(cfg)
             version = data.pop("version")
-            for f in fields(cls):  # fields added later are written only when set, so old readers and bytes stay
-                if f.name in getattr(cls, "_OPTIONAL_FIELDS", ()) and data[f.name] == f.default:
-                    del data[f.name]
+            for name_, implied in getattr(cls, "_OPTIONAL_FIELDS", {}).items():  # fields added later
+                if data[name_] == implied:
+                    del data[name_]
             return {"type": name, "version": version, "data": data}
     raise TypeError(f"not a gobo method config: {type(cfg).__name__}")
 
@@ -193,4 +198,6 @@ def config_from_json(obj: dict):
     version = obj.get("version")
     if version != 1:
         raise ValueError(f"{obj['type']} config version {version} is not supported by this gobo")
+    for name_, implied in getattr(cls, "_OPTIONAL_FIELDS", {}).items():
+        data.setdefault(name_, implied)
     return cls(**data)
