@@ -295,3 +295,18 @@ def test_bad_input_is_one_line_and_writes_nothing(case, args, pattern, tmp_path,
     assert_user_error(run_gobo(*argv, cwd=tmp_path), pattern)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no report.html, no sweep directory
     assert sorted(p.name for p in gobo_paper3.outdir.iterdir()) == outdir_before
+
+
+def test_demo_ends_with_the_report_path(tmp_path):
+    """What `make demo` runs, on a small subset: the table, then the report of the gobo model."""
+    from test_cli import run_gobo
+
+    proc = run_gobo("demo", "--out", tmp_path / "demo", "--methods", "gobo", "directq", "--limit", "60", "--train-limit", "200",
+                    "--quiet", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("report: "), proc.stdout
+    page = Path(last[len("report: "):])
+    assert page == tmp_path / "demo" / "minilm-l6-gobo-3b" / "report.html"
+    html = page.read_text()
+    assert "<img" in html and "agreement" in html.lower()  # the evaluation made the page

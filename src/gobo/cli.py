@@ -300,7 +300,7 @@ def _cmd_demo(args) -> int:
             cm = gobo.quantize("minilm-l6", cfg, progress=lambda n, t: bar.update())
         gobo.save(cm, d, overwrite=True)
         outs.append(str(d))
-    fp, rows = evaluate_dirs(outs, "minilm-l6", args.limit, None, args.quiet)
+    fp, rows = evaluate_dirs(outs, "minilm-l6", args.limit, args.train_limit, args.quiet)
     from .htmlreport import write_report
 
     try:
@@ -391,6 +391,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--bits", type=int, default=3)
     d.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq"], choices=["gobo", "gobo-paper", "directq"])
     d.add_argument("--limit", type=int, help="test texts (default: all)")
+    d.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
     d.set_defaults(fn=_cmd_demo)
 
     m = add("models", "list or fetch the bundled models")
