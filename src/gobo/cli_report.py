@@ -55,23 +55,33 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _cmd_sweep(args) -> int:
-    from .cli import UserError, _Bar, _eval_table, _print_json
-    from .sweep import SWEEP_JSON, SWEEP_PNG, run_sweep
+def _run_output(args, prefix: str):
+    """The output directory of a sweep or compare run and its progress-bar factory; checks
+    --limit, --train-limit and that the directory can be one."""
+    from .cli import UserError, _Bar
 
-    bad = [b for b in args.bits_list if not 1 <= b <= 8]
-    if bad:
-        raise UserError(f"--bits must be from 1 to 8, got {bad[0]}")
     for name, v in (("--limit", args.limit), ("--train-limit", args.train_limit)):
         if v is not None and v < 1:
             raise UserError(f"{name} must be a positive number of texts, got {v}")
-    _need_matplotlib()
-    out = Path(args.output) if args.output else Path("out") / f"sweep-{Path(str(args.model)).name}"
+    out = Path(args.output) if args.output else Path("out") / f"{prefix}-{Path(str(args.model)).name}"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another output directory with -o")
 
     def stage(desc: str, total: int | None, unit: str):
         return _Bar(args.quiet, total, desc, unit)
+
+    return out, stage
+
+
+def _cmd_sweep(args) -> int:
+    from .cli import UserError, _eval_table, _print_json
+    from .sweep import SWEEP_JSON, SWEEP_PNG, run_sweep
+
+    bad = [b for b in args.bits_list if not 1 <= b <= 8]
+    if bad:
+        raise UserError(f"--bits must be from 1 to 8, got {bad[0]}")
+    out, stage = _run_output(args, "sweep")
+    _need_matplotlib()
 
     t0 = time.perf_counter()
     res = run_sweep(args.model, args.bits_list, args.methods, out, limit=args.limit, train_limit=args.train_limit, stage=stage)
@@ -108,12 +118,10 @@ def register(add) -> None:
 
 
 def _cmd_compare(args) -> int:
-    from .cli import UserError, _Bar, _print_json
+    from .cli import UserError, _print_json
     from .compare import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, default_rows, markdown, run_compare, select_rows
 
-    for name, v in (("--limit", args.limit), ("--train-limit", args.train_limit)):
-        if v is not None and v < 1:
-            raise UserError(f"{name} must be a positive number of texts, got {v}")
+    out, stage = _run_output(args, "compare")
     try:
         rows = select_rows(default_rows(qat=not args.no_qat), args.rows)
     except ValueError as exc:
@@ -122,12 +130,6 @@ def _cmd_compare(args) -> int:
         for r in rows:
             print(f"{r.key:22s} {r.label}")
         return 0
-    out = Path(args.output) if args.output else Path("out") / f"compare-{Path(str(args.model)).name}"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; choose another output directory with -o")
-
-    def stage(desc: str, total: int | None, unit: str):
-        return _Bar(args.quiet, total, desc, unit)
 
     t0 = time.perf_counter()
     doc = run_compare(args.model, out, rows, limit=args.limit, train_limit=args.train_limit, stage=stage)
