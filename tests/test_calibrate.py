@@ -63,9 +63,9 @@ def test_sensitivity_allocation_follows_the_measured_gain(minilm_state):
     assert 8 * sum(q.nbytes() for q in cm.quantized.values()) / numel <= 3.0 + 1e-9
 
 
-def _linear_output_means(model, ids, mask):
+def _linear_output_means(model, ids, mask, over):
     means, hooks = {}, []
-    m = mask.unsqueeze(-1).double()
+    m = over.unsqueeze(-1).double()
     for n, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             def hook(mod, inp, out, n=n):
@@ -91,13 +91,16 @@ def test_matched_biases_give_every_linear_its_fp32_mean_output(minilm_fp32, mini
     again = match_output_means(minilm_fp32, tokenizer, deq, cm.dense, n_seqs=16, max_len=24, seed=1)
     assert all(np.array_equal(new[k], again[k]) for k in new)  # deterministic
     ids, mask = synthetic_batch(tokenizer, 16, 24, seed=1)
-    ref = _linear_output_means(minilm_fp32, ids, mask)
+    words = mask.clone()  # the matched means are over word tokens: not the start and end tokens
+    words[:, 0] = 0
+    words[torch.arange(16), mask.sum(1) - 1] = 0
+    ref = _linear_output_means(minilm_fp32, ids, mask, words)
     quant = copy.deepcopy(minilm_fp32)
     quant.load_state_dict({**before, **{k: torch.from_numpy(v) for k, v in {**deq, **new}.items()}}, strict=True)
-    got = _linear_output_means(quant, ids, mask)
+    got = _linear_output_means(quant, ids, mask, words)
     plain = copy.deepcopy(minilm_fp32)
     plain.load_state_dict({**before, **{k: torch.from_numpy(v) for k, v in deq.items()}}, strict=True)
-    raw = _linear_output_means(plain, ids, mask)
+    raw = _linear_output_means(plain, ids, mask, words)
     for n in (k[: -len(".bias")] for k in new):
         scale = ref[n].abs().max().item() + 1e-3
         assert (got[n] - ref[n]).abs().max().item() <= 1e-4 * scale, n  # float32 rounding only

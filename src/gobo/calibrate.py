@@ -103,7 +103,7 @@ def match_output_means(model, tokenizer, quantized: dict[str, np.ndarray], biase
     ``model`` is the FP32 source (restored before returning); ``quantized`` maps parameter
     names to their dequantized weights (Linear and Embedding), ``biases`` the FP32 biases.
     One FP32 pass over the synthetic batch records the mean input ``mu`` of every Linear
-    (real tokens only). One pass of the quantized model follows, in which each Linear, just
+    (word tokens only: not padding, nor the start and end tokens). One pass of the quantized model follows, in which each Linear, just
     before it runs, sees its actual input mean ``mu_q`` (which carries every error upstream,
     already corrected there) and gets the bias ``b + W mu - W_q mu_q``: its mean output over
     the batch is then the FP32 one. The data-free bias correction of Nagel et al. (2019)
@@ -114,8 +114,13 @@ def match_output_means(model, tokenizer, quantized: dict[str, np.ndarray], biase
     import torch
 
     ids, mask = synthetic_batch(tokenizer, n_seqs, max_len, seed)
-    m = mask.unsqueeze(-1).to(torch.float64)
-    count = float(mask.sum())
+    # the means leave out each sentence's start and end tokens: some models (all-mpnet-base-v2)
+    # give them activations orders of magnitude above the words', which would set every bias
+    words = mask.clone()
+    words[:, 0] = 0
+    words[torch.arange(len(words)), mask.sum(1) - 1] = 0
+    m = words.unsqueeze(-1).to(torch.float64)
+    count = float(words.sum())
     linears = {n: mod for n, mod in model.named_modules()
                if isinstance(mod, torch.nn.Linear) and f"{n}.weight" in quantized and f"{n}.bias" in biases}
 
