@@ -52,21 +52,18 @@ def quantize(
         config = _with_size_budget(config, state, names, size_mb)
     total = len(names)
     cb = None if progress is None else (lambda name: progress(name, total))
-    sens = None
-    if isinstance(config, GoboConfig) and config.allocate == "sensitivity":  # data-free: synthetic sentences
+    calibrated = isinstance(config, GoboConfig) and (config.allocate == "sensitivity" or config.correct_bias)
+    if calibrated:  # data-free: synthetic sentences from the model's own tokenizer
         from transformers import AutoTokenizer
 
-        from .calibrate import OutputSensitivity
+        from .calibrate import OutputSensitivity, match_output_means
 
-        sens = OutputSensitivity(src, AutoTokenizer.from_pretrained(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens)
-    if isinstance(config, GoboConfig) and config.correct_bias:  # data-free: synthetic sentences
-        from transformers import AutoTokenizer
-
-        from .calibrate import match_output_means
-
+    if calibrated and config.correct_bias:
         deq = {n: q.dequantize() for n, q in cm.quantized.items()}
-        cm.dense.update(match_output_means(src, AutoTokenizer.from_pretrained(model_dir), deq, cm.dense))
+        cm.dense.update(match_output_means(src, tokenizer, deq, cm.dense))
     cm.source = {
         "name": str(model),
         "model_type": getattr(src.config, "model_type", "unknown"),
