@@ -4,6 +4,7 @@ and the installable 4-bit peers (torchao, optimum-quanto, ONNX Runtime, bitsandb
     .venv/bin/python bench/bench_cpu.py                 # minilm-l6 and mpnet-base, all shapes
     .venv/bin/python bench/bench_cpu.py --quick         # minilm-l6, batch 1 and 8, seq 128
     .venv/bin/python bench/bench_cpu.py --quick --no-peers   # gobo and torch only
+    .venv/bin/python bench/bench_cpu.py --models mpnet-base --shapes 1x128,32x128
 
 All contenders use the same thread count (``--threads``, default ``torch.get_num_threads()``),
 and idle threads wait without spinning (``OMP_WAIT_POLICY=PASSIVE`` unless set otherwise, ONNX
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packed-dirs", type=lambda t: t.split(","), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--packed-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--shapes", type=_parse_shapes, help=argparse.SUPPRESS)
+    ap.add_argument("--shapes", type=_parse_shapes, help="BxS,BxS,... instead of every batch x sequence length, e.g. 1x128,32x128")
     args = ap.parse_args(argv)
     if args.worker == "memory":
         worker_memory(args)
@@ -566,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     from gobo.assets import resolve_model
 
     models = args.models or (["minilm-l6"] if args.quick else list(MODELS))
-    shapes = [(1, 128), (8, 128)] if args.quick else [(b, s) for b in BATCHES for s in SEQS]
+    shapes = args.shapes or ([(1, 128), (8, 128)] if args.quick else [(b, s) for b in BATCHES for s in SEQS])
     contenders = args.contenders or [c for c in CONTENDERS if args.peers or c not in PEERS]
     contenders = ["fp32"] + [c for c in contenders if c != "fp32"]
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gobo-bench-"))

@@ -2,8 +2,10 @@
 
 A swapped model holds, per quantized weight, only what the file stores (packed uint8 codes,
 codebook(s), optional per-row scale/offset, outlier positions and values) plus the FP32 bias;
-no FP32 copy of a quantized weight stays resident. Forward passes decode tiles of rows (a
-Linear) or just the looked-up rows (an Embedding) on the fly with :mod:`gobo.kernels`.
+no FP32 copy of a quantized weight stays resident. A Linear's forward pass decodes its weight
+into a per-thread scratch buffer that every layer reuses (whole matrices up to 64 MiB, tiles
+of rows beyond) and multiplies from there; an Embedding decodes just the looked-up rows. See
+:mod:`gobo.kernels`.
 
 Modules are matched to quantized tensors by their state-dict names (``NAME.weight``), so the
 swap works on any module tree without knowing an architecture's layer names.
@@ -79,10 +81,10 @@ class _Packed(nn.Module):
 
 
 class QuantLinear(_Packed):
-    """``nn.Linear`` whose weight stays packed; ``forward`` decodes it tile by tile.
+    """``nn.Linear`` whose weight stays packed; ``forward`` decodes it into a reused buffer.
 
-    ``tile_rows`` (rows of W decoded at a time) defaults to about
-    :data:`gobo.kernels.DEFAULT_TILE_BYTES` of float32.
+    ``tile_rows`` (rows of W decoded and multiplied at a time) defaults to
+    :data:`gobo.kernels.DEFAULT_TILE_BYTES` of float32: the whole matrix in practice.
     """
 
     def __init__(self, packed: kernels.Packed, bias: torch.Tensor | None = None, tile_rows: int | None = None):
