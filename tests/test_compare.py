@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import gobo
 from gobo.compare import COMPARE_JSON, COMPARE_MD, default_rows, markdown, run_compare, select_rows
 from gobo.io import WEIGHTS_FILE
 
@@ -81,3 +82,31 @@ def test_cli_unknown_row_is_one_line(tmp_path):
     proc = run_gobo("compare", "minilm-l6", "--rows", "qbert-9", "-o", tmp_path / "c", cwd=tmp_path)
     assert_user_error(proc, r"no row matches 'qbert-9'")
     assert not (tmp_path / "c").exists()
+
+
+def test_hessian_settings_reach_the_mixed_rows(tmp_path, monkeypatch):
+    import numpy as np
+
+    import gobo.hessian as hessian
+    from gobo.hessian import Sensitivity, SensitivitySettings
+
+    seen = []
+    omega = np.array([[1.0, 2.0, 9.0, 3.0, 8.0, 7.0]])  # layers 2, 4, 5 rank highest
+
+    def fake(model_dir, model=None, settings=SensitivitySettings(), progress=None, use_cache=True):
+        seen.append(settings)
+        return Sensitivity(layers=tuple(f"encoder.layer.{i}" for i in range(6)), eigenvalues=omega, iterations=np.ones((1, 6), int))
+
+    monkeypatch.setattr(hessian, "measure_sensitivity", fake)
+    small = SensitivitySettings(subsets=2, subset_size=8)
+    rows = select_rows(default_rows(qat=False), ["qbert-2-3mp"])
+    doc = run_compare("minilm-l6", tmp_path, rows, limit=40, train_limit=200, hessian=small)
+    assert seen == [small]
+    cfg = gobo.load_compressed(tmp_path / "qbert-2-3mp").config
+    assert cfg.layer_bits == (2, 2, 3, 2, 3, 3)
+    stored = json.loads((tmp_path / "rows" / "qbert-2-3mp.json").read_text())
+    assert stored["fingerprint"]["hessian"]["subset_size"] == 8
+    # the same settings reuse the row; other settings make it again
+    assert run_compare("minilm-l6", tmp_path, rows, limit=40, train_limit=200, hessian=small) == doc and len(seen) == 1
+    run_compare("minilm-l6", tmp_path, rows, limit=40, train_limit=200, hessian=SensitivitySettings(subsets=2, subset_size=9))
+    assert len(seen) == 2

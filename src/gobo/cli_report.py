@@ -131,8 +131,17 @@ def _cmd_compare(args) -> int:
             print(f"{r.key:22s} {r.label}")
         return 0
 
+    hessian = None
+    if args.hessian_subsets or args.hessian_texts:
+        from .hessian import SensitivitySettings
+
+        base = SensitivitySettings()
+        try:
+            hessian = SensitivitySettings(subsets=args.hessian_subsets or base.subsets, subset_size=args.hessian_texts or base.subset_size)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     t0 = time.perf_counter()
-    doc = run_compare(args.model, out, rows, limit=args.limit, train_limit=args.train_limit, stage=stage)
+    doc = run_compare(args.model, out, rows, limit=args.limit, train_limit=args.train_limit, stage=stage, hessian=hessian)
     seconds = time.perf_counter() - t0
     if args.json:
         _print_json({**doc, "output": str(out), "markdown": str(out / COMPARE_MD), "plot": str(out / COMPARE_PNG), "seconds": seconds})
@@ -152,4 +161,6 @@ def register_compare(add) -> None:
     c.add_argument("--list", action="store_true", help="list the rows and exit")
     c.add_argument("--limit", type=int, help="evaluate on this many test texts, spread over the split (default: all)")
     c.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
+    c.add_argument("--hessian-subsets", type=int, metavar="N", help="Q-BERT MP rows: Hessian eigenvalues on N training subsets (default 4)")
+    c.add_argument("--hessian-texts", type=int, metavar="N", help="Q-BERT MP rows: N texts per subset (default 64; fewer for a large model on a CPU)")
     c.set_defaults(fn=_cmd_compare)

@@ -139,6 +139,24 @@ def _fingerprint(row: Row, sha: str, n_test: int, n_train: int) -> dict:
     return json.loads(json.dumps(doc))  # as stored: tuples become lists
 
 
+def _needs_plan(config) -> bool:
+    from .config import QBertConfig
+
+    return isinstance(config, QBertConfig) and bool(config.mixed) and not config.layer_bits
+
+
+def _resolve_plan(config, src_dir, settings, bar, tag: str):
+    """``config`` with its Hessian-ranked ``layer_bits``, measured with ``settings`` (cached)."""
+    from dataclasses import replace
+
+    from .hessian import measure_sensitivity
+    from .methods.groupwise import mixed_plan
+
+    with bar(f"{tag}: Hessian (layer x subset)", None, "layer") as pb:
+        sens = measure_sensitivity(src_dir, settings=settings, progress=pb.update)
+    return replace(config, layer_bits=mixed_plan(sens.omega, *config.mixed_bits, config.average))
+
+
 def run_compare(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -147,12 +165,15 @@ def run_compare(
     limit: int | None = None,
     train_limit: int | None = None,
     stage: Stage | None = None,
+    hessian=None,
 ) -> dict:
     """Make and measure every row on ``model``; write and return the table document.
 
     ``limit``/``train_limit``: test texts and probe training texts (evenly spread subsets;
     None: the full splits). Rows already measured in ``out`` with the same fingerprint are
-    reused.
+    reused. ``hessian`` (a :class:`gobo.hessian.SensitivitySettings`) samples the Hessian of
+    the Q-BERT MP rows differently from the default (e.g. fewer texts for a large model on a
+    CPU); their fingerprint then records it.
     """
     import numpy as np
 
@@ -183,6 +204,9 @@ def run_compare(
     for k, row in enumerate(rows, 1):
         tag = f"[{k}/{len(rows)}] {row.label}"
         fp = _fingerprint(row, sha, n_test, n_train)
+        config = row.config
+        if hessian is not None and _needs_plan(config):
+            fp["hessian"] = json.loads(json.dumps(asdict(hessian)))
         stored = out / "rows" / f"{row.key}.json"
         if stored.is_file():
             try:
@@ -194,6 +218,8 @@ def run_compare(
                 continue
         d = out / row.key
         t = time.perf_counter()
+        if "hessian" in fp:
+            config = _resolve_plan(config, src_dir, hessian, bar, tag)
         if row.kind == "fp32":
             p32 = bench.probe.predict(fp32_embeddings())
             res = RowResult(row.key, row.label, "32", "32", "32", float(np.mean(p32 == labels)), 1.0, 1.0,
@@ -204,12 +230,12 @@ def run_compare(
                 if row.kind == "qat":
                     from . import qat
 
-                    r = qat.finetune(src_dir, row.config, probe=bench.probe, progress=lambda step, loss: pb.update())
+                    r = qat.finetune(src_dir, config, probe=bench.probe, progress=lambda step, loss: pb.update())
                     secs = time.perf_counter() - t
                     qat.save(r, d, overwrite=True)
                     cm = r.compressed
                 else:
-                    cm = gobo.quantize(src_dir, row.config, progress=lambda name, total: pb.update())
+                    cm = gobo.quantize(src_dir, config, progress=lambda name, total: pb.update())
                     secs = time.perf_counter() - t
                     cm.source["name"] = str(model)
                     gobo.save(cm, d, overwrite=True)
