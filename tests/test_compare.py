@@ -110,3 +110,9 @@ def test_hessian_settings_reach_the_mixed_rows(tmp_path, monkeypatch):
     assert run_compare("minilm-l6", tmp_path, rows, limit=40, train_limit=200, hessian=small) == doc and len(seen) == 1
     run_compare("minilm-l6", tmp_path, rows, limit=40, train_limit=200, hessian=SensitivitySettings(subsets=2, subset_size=9))
     assert len(seen) == 2
+
+
+def test_cli_bad_hessian_sample_is_one_line(tmp_path):
+    proc = run_gobo("compare", "minilm-l6", "--rows", "qbert-2-3mp", "--hessian-texts", "0", "-o", tmp_path / "c", cwd=tmp_path)
+    assert_user_error(proc, r"subset_size must be a positive integer")
+    assert not (tmp_path / "c").exists()

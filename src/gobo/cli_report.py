@@ -132,12 +132,13 @@ def _cmd_compare(args) -> int:
         return 0
 
     hessian = None
-    if args.hessian_subsets or args.hessian_texts:
+    if args.hessian_subsets is not None or args.hessian_texts is not None:
         from .hessian import SensitivitySettings
 
         base = SensitivitySettings()
+        pick = lambda v, default: default if v is None else v  # noqa: E731
         try:
-            hessian = SensitivitySettings(subsets=args.hessian_subsets or base.subsets, subset_size=args.hessian_texts or base.subset_size)
+            hessian = SensitivitySettings(subsets=pick(args.hessian_subsets, base.subsets), subset_size=pick(args.hessian_texts, base.subset_size))
         except ValueError as exc:
             raise UserError(str(exc)) from None
     t0 = time.perf_counter()
