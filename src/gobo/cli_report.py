@@ -132,13 +132,12 @@ def _cmd_compare(args) -> int:
         return 0
 
     hessian = None
-    if args.hessian_subsets is not None or args.hessian_texts is not None:
+    given = {k: v for k, v in (("subsets", args.hessian_subsets), ("subset_size", args.hessian_texts)) if v is not None}
+    if given:
         from .hessian import SensitivitySettings
 
-        base = SensitivitySettings()
-        pick = lambda v, default: default if v is None else v  # noqa: E731
         try:
-            hessian = SensitivitySettings(subsets=pick(args.hessian_subsets, base.subsets), subset_size=pick(args.hessian_texts, base.subset_size))
+            hessian = SensitivitySettings(**given)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     t0 = time.perf_counter()

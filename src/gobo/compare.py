@@ -139,24 +139,6 @@ def _fingerprint(row: Row, sha: str, n_test: int, n_train: int) -> dict:
     return json.loads(json.dumps(doc))  # as stored: tuples become lists
 
 
-def _needs_plan(config) -> bool:
-    from .config import QBertConfig
-
-    return isinstance(config, QBertConfig) and bool(config.mixed) and not config.layer_bits
-
-
-def _resolve_plan(config, src_dir, settings, bar, tag: str):
-    """``config`` with its Hessian-ranked ``layer_bits``, measured with ``settings`` (cached)."""
-    from dataclasses import replace
-
-    from .hessian import measure_sensitivity
-    from .methods.groupwise import mixed_plan
-
-    with bar(f"{tag}: Hessian (layer x subset)", None, "layer") as pb:
-        sens = measure_sensitivity(src_dir, settings=settings, progress=pb.update)
-    return replace(config, layer_bits=mixed_plan(sens.omega, *config.mixed_bits, config.average))
-
-
 def run_compare(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -180,6 +162,7 @@ def run_compare(
     import gobo
 
     from .evaluate import compare, encode
+    from .hessian import needs_plan, resolve_qbert
     from .io import WEIGHTS_FILE
 
     rows = list(rows) if rows is not None else default_rows()
@@ -205,8 +188,8 @@ def run_compare(
         tag = f"[{k}/{len(rows)}] {row.label}"
         fp = _fingerprint(row, sha, n_test, n_train)
         config = row.config
-        if hessian is not None and _needs_plan(config):
-            fp["hessian"] = json.loads(json.dumps(asdict(hessian)))
+        if hessian is not None and needs_plan(config):
+            fp["hessian"] = asdict(hessian)
         stored = out / "rows" / f"{row.key}.json"
         if stored.is_file():
             try:
@@ -218,8 +201,9 @@ def run_compare(
                 continue
         d = out / row.key
         t = time.perf_counter()
-        if "hessian" in fp:
-            config = _resolve_plan(config, src_dir, hessian, bar, tag)
+        if "hessian" in fp:  # measured here with these settings; gobo.quantize would use the default
+            with bar(f"{tag}: Hessian (layer x subset)", None, "layer") as pb:
+                config = resolve_qbert(config, fp32, src_dir, progress=pb.update, settings=hessian)
         if row.kind == "fp32":
             p32 = bench.probe.predict(fp32_embeddings())
             res = RowResult(row.key, row.label, "32", "32", "32", float(np.mean(p32 == labels)), 1.0, 1.0,

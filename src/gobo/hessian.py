@@ -33,6 +33,7 @@ __all__ = [
     "SensitivitySettings",
     "layer_weights",
     "measure_sensitivity",
+    "needs_plan",
     "probe_loss",
     "resolve_qbert",
     "sensitivity",
@@ -277,11 +278,20 @@ def measure_sensitivity(
     return result
 
 
-def resolve_qbert(config, model, model_dir: str | os.PathLike, progress: Callable[[int], None] | None = None):
+def needs_plan(config) -> bool:
+    """Whether ``config`` is a Q-BERT mixed-precision config still without its per-layer plan."""
+    from .config import QBertConfig
+
+    return isinstance(config, QBertConfig) and bool(config.mixed) and not config.layer_bits
+
+
+def resolve_qbert(config, model, model_dir: str | os.PathLike, progress: Callable[[int], None] | None = None,
+                  settings: SensitivitySettings = SensitivitySettings()):
     """The config with what it leaves to the model filled in: the head size and the mixed plan.
 
     ``head_size`` 0 becomes ``hidden_size / num_attention_heads``; ``mixed`` without
-    ``layer_bits`` measures the Hessian sensitivity and records the Omega-ranked plan.
+    ``layer_bits`` measures the Hessian sensitivity (sampled by ``settings``) and records the
+    Omega-ranked plan.
     """
     from .methods.groupwise import mixed_plan
 
@@ -291,8 +301,8 @@ def resolve_qbert(config, model, model_dir: str | os.PathLike, progress: Callabl
     hidden = getattr(cfg, "hidden_size", 0) or getattr(cfg, "dim", 0)
     if config.head_size == 0 and heads and hidden and hidden % heads == 0:
         changes["head_size"] = hidden // heads
-    if config.mixed and not config.layer_bits:
-        sens = measure_sensitivity(model_dir, model, progress=progress)
+    if needs_plan(config):
+        sens = measure_sensitivity(model_dir, model, settings=settings, progress=progress)
         low, high = config.mixed_bits
         changes["layer_bits"] = mixed_plan(sens.omega, low, high, config.average)
     return replace(config, **changes) if changes else config
