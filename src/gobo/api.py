@@ -22,6 +22,7 @@ def quantize(
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     progress: Callable[[str, int], None] | None = None,
     size_mb: float | None = None,
+    hessian_settings=None,
 ) -> CompressedModel:
     """Quantize a local model directory or a bundled model (``minilm-l6``, ``mpnet-base``).
 
@@ -29,7 +30,10 @@ def quantize(
     ``exclude`` is quantized; biases, LayerNorms and the rest stay as they are.
     A :class:`QBertConfig` with ``mixed`` and no ``layer_bits`` first measures each layer's
     Hessian sensitivity on the benchmark's training split (:mod:`gobo.hessian`, cached), and
-    the file records the resulting plan.
+    the file records the resulting plan; so does a :class:`GoboConfig` with
+    ``allocate="hessian"`` and no ``layer_omega`` (the file records the Omega of each layer).
+    ``hessian_settings`` (a :class:`gobo.hessian.SensitivitySettings`; None: the default)
+    samples that measurement.
     ``progress(name, total)`` is called after each tensor.
     ``size_mb`` (GOBO with a mixed allocation) sets the budget as a file size instead of
     bits per weight: the bits left once the tensors kept as they are and the metadata are
@@ -42,10 +46,11 @@ def quantize(
         config = method_config(method, bits)
     model_dir = resolve_model(model)
     src = load_source(model_dir)
-    if isinstance(config, QBertConfig):  # head size from the model; mixed precision: Hessian-ranked plan
-        from .hessian import resolve_qbert
+    if isinstance(config, QBertConfig) or (isinstance(config, GoboConfig) and config.allocate == "hessian"):
+        # Q-BERT: head size from the model, mixed precision's Hessian-ranked plan; GOBO: the layers' Omega
+        from .hessian import SensitivitySettings, resolve_plan
 
-        config = resolve_qbert(config, src, model_dir)
+        config = resolve_plan(config, src, model_dir, settings=hessian_settings or SensitivitySettings())
     names = select(quantizable_names(src), include, exclude)
     state = state_numpy(src)
     if size_mb is not None:
@@ -83,7 +88,7 @@ def _with_size_budget(config, state: dict, names: list[str], size_mb: float):
     import math
 
     if not isinstance(config, GoboConfig) or config.allocate == "uniform":
-        raise ValueError("a size budget needs GOBO with a mixed allocation (allocate='size' or 'sensitivity')")
+        raise ValueError("a size budget needs GOBO with a mixed allocation (allocate='size', 'sensitivity' or 'hessian')")
     if not size_mb > 0:
         raise ValueError(f"the size budget must be a positive number of MB, got {size_mb!r}")
     chosen = set(names)

@@ -147,12 +147,16 @@ def _cmd_quantize(args) -> int:
         raise UserError("--mixed applies to --method qbert only")
     if (args.avg_bits is not None or args.size_mb is not None) and args.method != "gobo":
         raise UserError("--avg-bits and --size-mb apply to --method gobo only")
+    if args.allocate is not None and args.method != "gobo":
+        raise UserError("--allocate applies to --method gobo only")
     if args.avg_bits is not None and args.size_mb is not None:
         raise UserError("give either --avg-bits or --size-mb, not both")
     try:
         extra = {"mixed": args.mixed} if getattr(args, "mixed", None) else {}
         if args.avg_bits is not None:
             extra["average"] = args.avg_bits
+        if args.allocate is not None:
+            extra["allocate"] = args.allocate
         config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -369,6 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--mixed", metavar="LOW/HIGH", help="qbert only: Hessian-ranked mixed precision per layer, e.g. 2/3 (measures the sensitivity on the training split first)")
     q.add_argument("--avg-bits", type=float, metavar="B", help="gobo only: mixed precision spending B bits per weight on average, all included (e.g. 2.5)")
     q.add_argument("--size-mb", type=float, metavar="MB", help="gobo only: mixed precision filling a file of at most MB megabytes")
+    q.add_argument("--allocate", choices=["size", "sensitivity", "hessian", "uniform"], help="gobo only: how the mixed precision spends its bits: size (default: errors weighed by tensor size), sensitivity (data-free output gain), hessian (times each layer's Q-BERT Hessian sensitivity, measured on the training split first), uniform (every tensor at --bits)")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")

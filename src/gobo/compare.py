@@ -5,7 +5,8 @@ frozen probe (:mod:`gobo.evaluate`): FP32; DirectQ (one range per matrix, Q-BERT
 baseline) at 8/4/3/2 bits; Q-BERT group-wise at 8/4/3/2 bits and its Hessian-ranked 2/3 and
 2/4 mixed precision, each also with quantization-aware fine-tuning; FQ-BERT (4-bit weights,
 8-bit activations, integer pipeline); GOBO as the paper gives it (3 bits) and gobo's default
-at 4/3/2 bits and at 2.5 bits per weight (mixed precision, data-free).
+at 4/3/2 bits and at 2.5 bits per weight (mixed precision, data-free, and weighted by the
+layers' Hessian sensitivity).
 
 Each finished row is stored in ``OUT/rows/KEY.json`` together with what it depends on (the
 row's config, the source weights' hash, the test and train subsets); a run that is stopped
@@ -63,6 +64,7 @@ def default_rows(qat: bool = True) -> list[Row]:
     rows.append(Row("gobo-paper-3", "GOBO 3 (paper recipe)", "quantize", GoboConfig.paper(3)))
     rows += [Row(f"gobo-{b}", f"GOBO {b}", "quantize", sweep_config("gobo", b)) for b in (4, 3, 2)]
     rows.append(Row("gobo-mp-2.5", "GOBO MP 2.5", "quantize", GoboConfig(average=2.5)))
+    rows.append(Row("gobo-mp-2.5-hessian", "GOBO MP 2.5 (Hessian)", "quantize", GoboConfig(average=2.5, allocate="hessian"), data=True))
     return rows
 
 
@@ -154,15 +156,15 @@ def run_compare(
     ``limit``/``train_limit``: test texts and probe training texts (evenly spread subsets;
     None: the full splits). Rows already measured in ``out`` with the same fingerprint are
     reused. ``hessian`` (a :class:`gobo.hessian.SensitivitySettings`) samples the Hessian of
-    the Q-BERT MP rows differently from the default (e.g. fewer texts for a large model on a
-    CPU); their fingerprint then records it.
+    the Q-BERT MP rows and the GOBO Hessian row differently from the default (e.g. fewer texts
+    for a large model on a CPU); their fingerprint then records it.
     """
     import numpy as np
 
     import gobo
 
     from .evaluate import compare, encode
-    from .hessian import needs_plan, resolve_qbert
+    from .hessian import needs_plan, resolve_plan
     from .io import WEIGHTS_FILE
 
     rows = list(rows) if rows is not None else default_rows()
@@ -203,7 +205,7 @@ def run_compare(
         t = time.perf_counter()
         if "hessian" in fp:  # measured here with these settings; gobo.quantize would use the default
             with bar(f"{tag}: Hessian (layer x subset)", None, "layer") as pb:
-                config = resolve_qbert(config, fp32, src_dir, progress=pb.update, settings=hessian)
+                config = resolve_plan(config, fp32, src_dir, progress=pb.update, settings=hessian)
         if row.kind == "fp32":
             p32 = bench.probe.predict(fp32_embeddings())
             res = RowResult(row.key, row.label, "32", "32", "32", float(np.mean(p32 == labels)), 1.0, 1.0,
@@ -305,7 +307,7 @@ def markdown(doc: dict) -> str:
         ]) + " |")
     lines += ["", "Sizes count every stored byte (codes, codebooks or ranges, outliers, the tensors kept in FP32); "
               "*w/o emb.* leaves out the embedding tables and their LayerNorm. *quantize (s)*: wall time to make the row "
-              "(fine-tuning and FQ-BERT's calibration included; a Q-BERT MP row measures the Hessian sensitivity first "
+              "(fine-tuning and FQ-BERT's calibration included; a Q-BERT MP or GOBO Hessian row measures the Hessian sensitivity first "
               "unless an earlier run cached it)."]
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,7 @@ only builds the classes registered in :data:`CONFIGS` (never ``eval``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -28,6 +29,9 @@ class GoboConfig:
     rate-distortion, moving bits from large tensors (the word embeddings) to small ones.
     ``allocate="sensitivity"`` weighs each tensor's error instead by how much of it reaches
     the model's output on synthetic sentences (:mod:`gobo.calibrate`; slower, needs the model).
+    ``allocate="hessian"`` multiplies the size weight by the Q-BERT Hessian sensitivity (Omega)
+    of the tensor's encoder layer over the mean Omega (:mod:`gobo.hessian`; reads training
+    data); :func:`gobo.quantize` measures it and records it in ``layer_omega``.
     ``normalize_rows`` (per-row standardisation before clustering) is an option.
     """
 
@@ -36,17 +40,19 @@ class GoboConfig:
     clustering: str = "l1"  # "l1" (paper: stop when the L1 error stops falling), "lloyd", "exact"
     normalize_rows: bool = False  # cluster (w - row mean) / row std; stores 2 float16 per row
     allocate: str = "size"  # mixed bits, same total: "size" (errors weighed by size**size_exponent),
-    # "sensitivity" (weighed by their data-free output gain, gobo.calibrate), "uniform": all at `bits`
+    # "sensitivity" (weighed by their data-free output gain, gobo.calibrate), "hessian" (size weight
+    # times the layer's Hessian Omega / mean Omega, gobo.hessian), "uniform": all at `bits`
     min_bits: int = 2  # bounds for the size-aware allocation
     max_bits: int = 6
     max_iter: int = 200  # refinement iterations at most
     size_exponent: float = 0.5  # allocation: a tensor's relative error weighs (its weights)**size_exponent
     average: float = 0.0  # mixed allocation: all-in bits per weight to spend, e.g. 2.5; 0 = `bits`
     correct_bias: bool = False  # Linear biases re-fitted so mean outputs match FP32 on synthetic sentences
+    layer_omega: tuple[float, ...] = ()  # allocate="hessian": Omega of each encoder layer, layer 0 first; () = to measure
     version: int = 1
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
-    _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False}
+    _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": ()}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -60,17 +66,24 @@ class GoboConfig:
             raise ValueError(f"average must be a non-negative number of bits per weight, got {self.average!r}")
         if not isinstance(self.correct_bias, bool):
             raise ValueError(f"correct_bias must be True or False, got {self.correct_bias!r}")
+        if not isinstance(self.layer_omega, (tuple, list)) or not all(
+            not isinstance(o, bool) and isinstance(o, (int, float)) and math.isfinite(o) and o > 0 for o in self.layer_omega
+        ):
+            raise ValueError(f"layer_omega must be a sequence of finite positive numbers, got {self.layer_omega!r}")
+        object.__setattr__(self, "layer_omega", tuple(float(o) for o in self.layer_omega))
+        if self.layer_omega and self.allocate != "hessian":
+            raise ValueError(f"layer_omega only applies with allocate='hessian', not {self.allocate!r}")
         if self.average:
             if self.allocate == "uniform":
-                raise ValueError("average needs a mixed allocation (allocate='size' or 'sensitivity'), not 'uniform'")
+                raise ValueError("average needs a mixed allocation (allocate='size', 'sensitivity' or 'hessian'), not 'uniform'")
             if not self.min_bits <= self.average <= self.max_bits:
                 raise ValueError(f"average ({self.average}) must lie between min_bits ({self.min_bits}) and max_bits ({self.max_bits})")
         if not isinstance(self.outlier_threshold, (int, float)) or self.outlier_threshold != self.outlier_threshold:
             raise ValueError(f"outlier_threshold must be a number, got {self.outlier_threshold!r}")
         if self.clustering not in ("l1", "lloyd", "exact"):
             raise ValueError(f"clustering must be 'l1', 'lloyd' or 'exact', got {self.clustering!r}")
-        if self.allocate not in ("uniform", "size", "sensitivity"):
-            raise ValueError(f"allocate must be 'uniform', 'size' or 'sensitivity', got {self.allocate!r}")
+        if self.allocate not in ("uniform", "size", "sensitivity", "hessian"):
+            raise ValueError(f"allocate must be 'uniform', 'size', 'sensitivity' or 'hessian', got {self.allocate!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
 

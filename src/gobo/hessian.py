@@ -31,10 +31,13 @@ import numpy as np
 __all__ = [
     "Sensitivity",
     "SensitivitySettings",
+    "layer_prefixes",
     "layer_weights",
     "measure_sensitivity",
     "needs_plan",
     "probe_loss",
+    "resolve_gobo",
+    "resolve_plan",
     "resolve_qbert",
     "sensitivity",
     "top_eigenvalue",
@@ -123,6 +126,22 @@ def layer_weights(model) -> list[tuple[str, list[tuple[str, "torch.nn.Parameter"
             continue
         blocks.setdefault(int(m.group(1)), (name[: m.end() - 1], []))[1].append((name, mod.weight))
     return [blocks[i] for i in sorted(blocks)]
+
+
+def layer_prefixes(names) -> list[str]:
+    """The encoder layer prefixes among tensor ``names``, layer 0 first, as :func:`layer_weights` finds them.
+
+    ``["encoder.layer.0.attention.self.query.weight", ...]`` -> ``["encoder.layer.0", ...]``;
+    the first prefix seen for each layer index counts (the order of :attr:`Sensitivity.layers`).
+    """
+    from .methods.groupwise import LAYER_PATTERN
+
+    found: dict[int, str] = {}
+    for name in names:
+        m = LAYER_PATTERN.search(name)
+        if m is not None:
+            found.setdefault(int(m.group(1)), name[: m.end() - 1])
+    return [found[i] for i in sorted(found)]
 
 
 def probe_loss(model, input_ids, attention_mask, labels, coef, intercept):
@@ -279,10 +298,41 @@ def measure_sensitivity(
 
 
 def needs_plan(config) -> bool:
-    """Whether ``config`` is a Q-BERT mixed-precision config still without its per-layer plan."""
-    from .config import QBertConfig
+    """Whether ``config`` still needs the Hessian sensitivity measured: a Q-BERT mixed-precision
+    config without its per-layer plan, or a GOBO ``allocate="hessian"`` config without ``layer_omega``."""
+    from .config import GoboConfig, QBertConfig
 
+    if isinstance(config, GoboConfig):
+        return config.allocate == "hessian" and not config.layer_omega
     return isinstance(config, QBertConfig) and bool(config.mixed) and not config.layer_bits
+
+
+def rounded_omega(omega, digits: int = 3) -> tuple[float, ...]:
+    """Omega per layer rounded to ``digits`` significant digits (float noise cannot change a
+    plan), and at least 1e-12 (a layer the loss does not see still weighs something)."""
+    return tuple(max(float(f"{float(o):.{digits}g}"), 1e-12) for o in omega)
+
+
+def resolve_gobo(config, model, model_dir: str | os.PathLike, progress: Callable[[int], None] | None = None,
+                 settings: SensitivitySettings = SensitivitySettings()):
+    """A GOBO ``allocate="hessian"`` config with ``layer_omega`` filled in (measured with
+    ``settings``, rounded to 3 significant digits); any other config unchanged."""
+    if not needs_plan(config) or not hasattr(config, "layer_omega"):
+        return config
+    sens = measure_sensitivity(model_dir, model, settings=settings, progress=progress)
+    return replace(config, layer_omega=rounded_omega(sens.omega))
+
+
+def resolve_plan(config, model, model_dir: str | os.PathLike, progress: Callable[[int], None] | None = None,
+                 settings: SensitivitySettings = SensitivitySettings()):
+    """:func:`resolve_gobo` for a GOBO config, :func:`resolve_qbert` for a Q-BERT one; others unchanged."""
+    from .config import GoboConfig, QBertConfig
+
+    if isinstance(config, GoboConfig):
+        return resolve_gobo(config, model, model_dir, progress, settings)
+    if isinstance(config, QBertConfig):
+        return resolve_qbert(config, model, model_dir, progress, settings)
+    return config
 
 
 def resolve_qbert(config, model, model_dir: str | os.PathLike, progress: Callable[[int], None] | None = None,

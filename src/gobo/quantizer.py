@@ -22,7 +22,7 @@ from .methods import groupwise as groupwise_method
 from .methods import uniform as uniform_method
 from .qtensor import QuantizedTensor
 
-__all__ = ["CompressedModel", "TensorStats", "allocate_bits", "quantize_state", "select"]
+__all__ = ["CompressedModel", "TensorStats", "allocate_bits", "layer_gains", "quantize_state", "select"]
 
 #: default patterns: every weight of an nn.Linear / nn.Embedding (the caller lists those)
 DEFAULT_INCLUDE = ("*",)
@@ -148,6 +148,29 @@ def _weigh(curve: Mapping[int, float], gain: float) -> dict[int, float]:
     return {b: e * gain for b, e in curve.items()}
 
 
+def layer_gains(all_names: Iterable[str], names: Iterable[str], layer_omega: tuple[float, ...]) -> dict[str, float]:
+    """``allocate="hessian"``: each of ``names`` weighs its encoder layer's Omega over the mean
+    Omega; a tensor outside every layer (embeddings, pooler) weighs 1.
+
+    The layers are the prefixes :func:`gobo.hessian.layer_prefixes` finds among ``all_names``
+    (every tensor of the model), layer 0 first; ``layer_omega`` must have one entry per layer.
+    """
+    from .hessian import layer_prefixes
+
+    if not layer_omega:
+        raise ValueError("allocate='hessian' needs layer_omega (the Hessian Omega of each encoder layer); "
+                         "gobo.quantize measures it, or give it in the config")
+    prefixes = layer_prefixes(all_names)
+    if len(prefixes) != len(layer_omega):
+        raise ValueError(f"layer_omega has {len(layer_omega)} entries but the model has {len(prefixes)} encoder layers")
+    mean = sum(layer_omega) / len(layer_omega)
+    out = {}
+    for n in names:
+        j = next((j for j, p in enumerate(prefixes) if n.startswith(p + ".")), None)
+        out[n] = 1.0 if j is None else layer_omega[j] / mean
+    return out
+
+
 # ---------------------------------------------------------------------------- driver
 
 
@@ -164,6 +187,8 @@ def quantize_state(
     ``sensitivity(name, w)`` (needed by ``allocate="sensitivity"``, e.g. a
     :class:`gobo.calibrate.OutputSensitivity`) gives the relative output error when tensor
     ``name`` is replaced by ``w``; it is called once per tensor with its ``bits`` version.
+    ``allocate="hessian"`` reads the per-layer Omega from ``config.layer_omega`` (see
+    :func:`layer_gains`; ValueError when it is empty).
     """
     names = list(names)
     missing = [n for n in names if n not in state]
@@ -195,10 +220,11 @@ def quantize_state(
     workers = max(1, min(len(names), os.cpu_count() or 1, 8))
     with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL
         if isinstance(config, GoboConfig):
+            gains = layer_gains(state.keys(), names, config.layer_omega) if config.allocate == "hessian" else None
             preps = dict(zip(names, pool.map(lambda n: gobo_method.Prepared(arrays[n], config), names)))
             if config.allocate == "sensitivity" and sensitivity is None:
                 raise ValueError("allocate='sensitivity' needs the model to measure output sensitivity; use gobo.quantize")
-            if config.allocate in ("size", "sensitivity"):
+            if config.allocate in ("size", "sensitivity", "hessian"):
                 rng = range(config.min_bits, config.max_bits + 1)
 
                 def curve(n: str) -> dict[int, float]:
@@ -213,6 +239,8 @@ def quantize_state(
                 if config.allocate == "sensitivity":
                     curves = {n: _weigh(curves[n], _gain(n, preps[n], curves[n][config.bits], config.bits, sensitivity)) for n in names}
                     exponent = 0.0
+                elif gains is not None:  # Hessian: size weight times the layer's Omega / mean Omega
+                    curves = {n: _weigh(curves[n], gains[n]) for n in names}
                 # all-in budget: everything stored for these tensors fits in `bits` per weight
                 bits_of = allocate_bits(curves, sizes, (config.average or config.bits) * sum(sizes.values()) / 8.0, fixed, exponent)
             else:
