@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from .config import DirectQConfig, GoboConfig, QBertConfig, method_config
 from .quantizer import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CompressedModel, quantize_state, select
 
@@ -23,6 +25,7 @@ def quantize(
     progress: Callable[[str, int], None] | None = None,
     size_mb: float | None = None,
     hessian_settings=None,
+    calibration_texts: Iterable[str] | None = None,
 ) -> CompressedModel:
     """Quantize a local model directory or a bundled model (``minilm-l6``, ``mpnet-base``).
 
@@ -35,6 +38,10 @@ def quantize(
     ``hessian_settings`` (a :class:`gobo.hessian.SensitivitySettings`; None: the default)
     samples that measurement.
     ``progress(name, total)`` is called after each tensor.
+    A GOBO config with ``feedback`` re-codes every Linear by error feedback
+    (:mod:`gobo.feedback`) on synthetic sentences (``"synthetic"``) or on
+    ``calibration_texts`` (``"texts"``; None: the benchmark's training split, evenly
+    spread); the file records the texts' hash.
     ``size_mb`` (GOBO with a mixed allocation) sets the budget as a file size instead of
     bits per weight: the bits left once the tensors kept as they are and the metadata are
     paid for are spread over the quantized weights (``config.average``).
@@ -66,6 +73,8 @@ def quantize(
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens)
+    if isinstance(config, GoboConfig) and config.feedback:
+        cm = _with_feedback(cm, config, src, model_dir, state, calibration_texts)
     if calibrated and config.correct_bias:
         deq = {n: q.dequantize() for n, q in cm.quantized.items()}
         cm.dense.update(match_output_means(src, tokenizer, deq, cm.dense))
@@ -75,6 +84,35 @@ def quantize(
         "weights_sha256": weights_sha256(Path(model_dir)),
         "dir": str(Path(model_dir).resolve()),
     }
+    return cm
+
+
+def _with_feedback(cm: CompressedModel, config: GoboConfig, src, model_dir, state: dict, texts) -> CompressedModel:
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from . import feedback
+    from .quantizer import TensorStats, sqnr_db
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if config.feedback == "texts":
+        if texts is None:
+            from .data import load_rotten_tomatoes
+
+            texts = load_rotten_tomatoes()[0].stride(config.feedback_texts).texts
+        texts = [t for t in texts if isinstance(t, str) and t.strip()][: config.feedback_texts]
+        if not texts:
+            raise ValueError("feedback='texts' needs at least one non-empty calibration text")
+        config = dataclasses.replace(config, feedback_sha256=feedback.texts_sha256(texts))
+    else:
+        texts = None
+    for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts).items():
+        w = np.asarray(state[name], dtype=np.float32)
+        cm.quantized[name] = qt
+        cm.stats[name] = TensorStats(shape=tuple(w.shape), bits=qt.bits, sqnr_db=sqnr_db(w, qt.dequantize()),
+                                     outlier_fraction=qt.n_outliers / max(qt.numel, 1), fp32_bytes=w.size * 4, nbytes=qt.nbytes())
+    cm.config = config
     return cm
 
 

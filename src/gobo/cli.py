@@ -151,12 +151,34 @@ def _cmd_quantize(args) -> int:
         raise UserError("--allocate applies to --method gobo only")
     if args.avg_bits is not None and args.size_mb is not None:
         raise UserError("give either --avg-bits or --size-mb, not both")
+    if (args.codebook or args.feedback or args.calibration_texts or args.feedback_texts) and args.method not in ("gobo", "gobo-paper"):
+        raise UserError("--codebook, --feedback, --calibration-texts and --feedback-texts apply to --method gobo or gobo-paper only")
+    if (args.calibration_texts or args.feedback_texts) and not args.feedback:
+        raise UserError("--calibration-texts and --feedback-texts need --feedback")
+    if args.calibration_texts and args.feedback != "texts":
+        raise UserError("--calibration-texts needs --feedback texts")
+    texts = None
+    if args.calibration_texts:
+        try:
+            texts = [t for t in Path(args.calibration_texts).read_text(encoding="utf-8").splitlines() if t.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read calibration texts from {args.calibration_texts}: {exc}") from None
+        if not texts:
+            raise UserError(f"{args.calibration_texts} holds no text (one calibration text per line)")
     try:
         extra = {"mixed": args.mixed} if getattr(args, "mixed", None) else {}
         if args.avg_bits is not None:
             extra["average"] = args.avg_bits
         if args.allocate is not None:
             extra["allocate"] = args.allocate
+        if args.codebook:
+            extra["codebook"] = args.codebook
+            if args.codebook == "row" and args.allocate is None:
+                extra["allocate"] = "uniform"
+        if args.feedback:
+            extra["feedback"] = args.feedback
+        if args.feedback_texts:
+            extra["feedback_texts"] = args.feedback_texts
         config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -169,7 +191,7 @@ def _cmd_quantize(args) -> int:
             bar.update()
 
         cm = gobo.quantize(args.model, config, include=args.include or ("*",), exclude=args.exclude or (), progress=progress,
-                           size_mb=args.size_mb)
+                           size_mb=args.size_mb, calibration_texts=texts)
     seconds = time.perf_counter() - t0
     gobo.save(cm, out, overwrite=args.force)
     s = summarize(cm, out / WEIGHTS_FILE)
@@ -374,6 +396,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--avg-bits", type=float, metavar="B", help="gobo only: mixed precision spending B bits per weight on average, all included (e.g. 2.5)")
     q.add_argument("--size-mb", type=float, metavar="MB", help="gobo only: mixed precision filling a file of at most MB megabytes")
     q.add_argument("--allocate", choices=["size", "sensitivity", "hessian", "uniform"], help="gobo only: how the mixed precision spends its bits: size (default: errors weighed by tensor size), sensitivity (data-free output gain), hessian (times each layer's Q-BERT Hessian sensitivity, measured on the training split first), uniform (every tensor at --bits)")
+    q.add_argument("--codebook", choices=["tensor", "row"], help="gobo: one codebook per tensor (default) or per row (every tensor at --bits)")
+    q.add_argument("--feedback", choices=["synthetic", "texts"], help="gobo: choose the codes of every Linear by error feedback on calibration inputs: synthetic sentences (data-free) or texts (--calibration-texts, default the benchmark's training split)")
+    q.add_argument("--calibration-texts", metavar="FILE", help="with --feedback texts: one calibration text per line")
+    q.add_argument("--feedback-texts", type=int, metavar="N", help="with --feedback: calibration sentences to use (default 256)")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -52,7 +52,12 @@ class GoboConfig:
     version: int = 1
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
-    _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": ()}
+    codebook: str = "tensor"  # "tensor": one codebook per tensor (paper); "row": one per row (needs allocate="uniform")
+    feedback: str = ""  # "": codes by nearest centroid; "synthetic" or "texts": error feedback (gobo.feedback)
+    feedback_texts: int = 256  # calibration sentences for the error feedback
+    feedback_sha256: str = ""  # feedback="texts": hash of the calibration texts used (gobo.quantize records it)
+    _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
+                                                     "feedback": "", "feedback_texts": 256, "feedback_sha256": ""}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -71,6 +76,16 @@ class GoboConfig:
         ):
             raise ValueError(f"layer_omega must be a sequence of finite positive numbers, got {self.layer_omega!r}")
         object.__setattr__(self, "layer_omega", tuple(float(o) for o in self.layer_omega))
+        if self.codebook not in ("tensor", "row"):
+            raise ValueError(f"codebook must be 'tensor' or 'row', got {self.codebook!r}")
+        if self.codebook == "row" and (self.allocate != "uniform" or self.normalize_rows):
+            raise ValueError("codebook='row' needs allocate='uniform' and normalize_rows=False")
+        if self.feedback not in ("", "synthetic", "texts"):
+            raise ValueError(f"feedback must be '', 'synthetic' or 'texts', got {self.feedback!r}")
+        if self.feedback and self.normalize_rows:
+            raise ValueError("feedback does not combine with normalize_rows")
+        if isinstance(self.feedback_texts, bool) or not isinstance(self.feedback_texts, int) or self.feedback_texts < 1:
+            raise ValueError(f"feedback_texts must be a positive integer, got {self.feedback_texts!r}")
         if self.layer_omega and self.allocate != "hessian":
             raise ValueError(f"layer_omega only applies with allocate='hessian', not {self.allocate!r}")
         if self.average:

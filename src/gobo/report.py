@@ -82,8 +82,14 @@ def summarize(cm: CompressedModel, file_path: str | Path | None = None) -> Model
     sqnrs = [r.sqnr_db for r in rows if math.isfinite(r.sqnr_db)]
     cfg = config_to_json(cm.config)
     method = cfg["type"]
-    if method == "gobo" and not cfg["data"].get("normalize_rows") and cfg["data"].get("allocate") == "uniform":
-        method = "gobo-paper"
+    if method == "gobo":
+        from .config import GoboConfig
+
+        d = cfg["data"]
+        if cm.config == GoboConfig.paper(cm.config.bits, outlier_threshold=cm.config.outlier_threshold, max_iter=cm.config.max_iter):
+            method = "gobo-paper"
+        elif d.get("codebook") == "row" or d.get("feedback"):
+            method = "gobo" + ("+rows" if d.get("codebook") == "row" else "") + ("+feedback" if d.get("feedback") else "")
     return ModelSummary(
         method=method,
         config=cfg,

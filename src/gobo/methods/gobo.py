@@ -258,8 +258,15 @@ class Prepared:
     def build(self, bits: int) -> "QuantizedTensor":
         from ..qtensor import QuantizedTensor
 
-        cent = self.centroids(bits)
-        codes = assign(self.z.reshape(-1), cent)
+        if self.config.codebook == "row":  # one codebook per row
+            k = 1 << bits
+            cent2 = cluster_rows(self.z, self.mask, k, self.config.max_iter).astype(np.float32)
+            codes = assign_rows(self.z, cent2.astype(np.float64)).reshape(-1)
+            group_rows = 1
+        else:
+            cent2 = self.centroids(bits)[None, :]
+            codes = assign(self.z.reshape(-1), cent2[0])
+            group_rows = self.rows
         out_idx = np.flatnonzero(self.mask.reshape(-1)).astype(np.int64)
         out_val = self.w32.reshape(-1)[out_idx].copy()
         codes[out_idx] = 0  # unused under an outlier; zero keeps files canonical
@@ -267,8 +274,8 @@ class Prepared:
             codes,
             shape=self.w32.shape,
             bits=bits,
-            codebook=cent[None, :],
-            group_rows=self.rows,
+            codebook=cent2,
+            group_rows=group_rows,
             row_scale=self.row_scale,
             row_offset=self.row_offset,
             outlier_index=out_idx,
@@ -285,3 +292,65 @@ def fit(weight: np.ndarray, bits: int, config) -> "QuantizedTensor":
     fitted for the whole tensor: the codebook encodes shape, the row statistics scale.
     """
     return Prepared(weight, config).build(bits)
+
+
+# ---------------------------------------------------------------------------- one codebook per row
+
+
+def _row_offsets(rows: int, span: float) -> np.ndarray:
+    return (np.arange(rows, dtype=np.float64) * span)[:, None]
+
+
+def cluster_rows(z: np.ndarray, mask: np.ndarray, k: int, max_iter: int = 200) -> np.ndarray:
+    """One codebook per row: ``(rows, k)`` ascending float64 centroids of each row's inliers
+    (``~mask``), from equal-population bins refined by Lloyd to a fixed point.
+
+    Vectorised over rows: every row is sorted once (outliers moved past its end), the rows are
+    laid end to end with offsets that keep the whole sequence sorted, and one
+    ``searchsorted`` finds every row's cluster boundaries at once; cluster sums come from
+    per-row prefix sums. A row with fewer than ``k`` inliers repeats its last value.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    rows, cols = z.shape
+    n = (~mask).sum(axis=1).astype(np.int64)
+    inl = np.abs(z[~mask])
+    lim = float(inl.max()) + 1.0 if inl.size else 1.0
+    x = np.where(mask, lim, z)
+    x.sort(axis=1)  # inliers first, ascending; outlier placeholders (lim) after them
+    p = np.zeros((rows, cols + 1))
+    np.cumsum(x, axis=1, out=p[:, 1:])
+    span = 4.0 * lim
+    off = _row_offsets(rows, span)
+    flat = (x + off).ravel()
+    base = np.arange(rows, dtype=np.int64)[:, None] * cols
+    last = x[np.arange(rows), np.maximum(n - 1, 0)][:, None]
+    last = np.where(n[:, None] > 0, last, 0.0)
+
+    def means(b: np.ndarray, old: np.ndarray) -> np.ndarray:
+        s = np.take_along_axis(p, b[:, 1:], 1) - np.take_along_axis(p, b[:, :-1], 1)
+        cnt = b[:, 1:] - b[:, :-1]
+        return np.where(cnt > 0, s / np.maximum(cnt, 1), old)
+
+    b = (np.arange(k + 1, dtype=np.int64)[None, :] * n[:, None]) // k
+    c = np.sort(means(b, np.broadcast_to(last, (rows, k))), axis=1)
+    for _ in range(max_iter):
+        mids = (c[:, 1:] + c[:, :-1]) * 0.5
+        pos = np.searchsorted(flat, (mids + off).ravel(), side="left").reshape(rows, k - 1) - base
+        b = np.concatenate([np.zeros((rows, 1), np.int64), np.minimum(np.maximum(pos, 0), n[:, None]), n[:, None]], axis=1)
+        nc = np.sort(means(b, c), axis=1)
+        if np.array_equal(nc, c):
+            break
+        c = nc
+    return c
+
+
+def assign_rows(z: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid of each weight's own row codebook (``c``: ``(rows, k)``
+    ascending; ties go to the lower one), as uint8 of ``z``'s shape."""
+    z = np.asarray(z, dtype=np.float64)
+    rows, k = c.shape
+    lim = max(float(np.abs(z).max(initial=0.0)), float(np.abs(c).max(initial=0.0))) + 1.0
+    off = _row_offsets(rows, 4.0 * lim)
+    mids = ((c[:, 1:] + c[:, :-1]) * 0.5 + off).ravel()
+    idx = np.searchsorted(mids, (z + off).ravel(), side="left").reshape(z.shape)
+    return (idx - np.arange(rows, dtype=np.int64)[:, None] * (k - 1)).astype(np.uint8)

@@ -1,0 +1,166 @@
+"""Error feedback: choose each Linear's codes so that its *outputs*, not its weights, stay close.
+
+GOBO picks every weight's code on its own (nearest centroid). With the second moments of a
+Linear's inputs, ``H = E[x x^T]``, the codes can be chosen column by column so that the error
+already made is pushed onto the columns not yet coded, where the next choices can absorb it:
+the optimal-brain-compression update of GPTQ (Frantar et al., 2023), here with GOBO's
+codebooks (one per tensor or one per row) instead of a uniform grid. The codebooks, outlier
+positions and file layout stay as GOBO made them; only the codes change, and each outlier
+keeps the value that absorbs the error that reached it (still stored exactly).
+
+``H`` comes from a forward pass of the FP32 model over calibration sentences: synthetic ones
+drawn from the tokenizer alone (:func:`gobo.calibrate.synthetic_batch`, data-free) or texts the
+user gives. Every real token counts, the start and end tokens included: in some models
+(all-mpnet-base-v2) those carry activations orders of magnitude above the words', and leaving
+them out of ``H`` lets the feedback move error exactly where they read it (measured: 74.7%
+agreement instead of 91.8% on all-mpnet-base-v2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .qtensor import QuantizedTensor
+
+__all__ = ["DAMP", "calibration_batch", "input_moments", "requantize", "texts_sha256"]
+
+#: diagonal damping, as a fraction of the mean diagonal of H
+DAMP = 0.01
+#: columns coded before the error of a block is pushed on to the rest at once
+BLOCK = 128
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def calibration_batch(tokenizer, texts: Sequence[str] | None, n: int, max_len: int = 128, seed: int = 0):
+    """``(input_ids, attention_mask)``: ``n`` synthetic sentences (``texts`` None, up to 48
+    tokens) or the first ``n`` of ``texts`` (truncated to ``max_len`` tokens)."""
+    if texts is None:
+        from .calibrate import synthetic_batch
+
+        return synthetic_batch(tokenizer, n_seqs=n, max_len=48, seed=seed)
+    b = tokenizer(list(texts)[:n], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return b["input_ids"], b["attention_mask"]
+
+
+def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = 32) -> dict:
+    """``E[x x^T]`` (float64 torch tensors) of the input of every nn.Linear whose weight is
+    named in ``weights``, over the real tokens of the batch."""
+    import torch
+
+    mods = dict(model.named_modules())
+    sums: dict = {}
+    count: dict = {}
+    cur = {}
+    hooks = []
+    for w in weights:
+        m = mods.get(w.rsplit(".", 1)[0])
+        if not isinstance(m, torch.nn.Linear):
+            continue
+
+        def hook(mod, inp, out, w=w):
+            x = inp[0]
+            if x.dim() != 3:
+                return
+            x = x[cur["mask"]].to(torch.float64)
+            sums[w] = sums.get(w, 0) + x.T @ x
+            count[w] = count.get(w, 0) + x.shape[0]
+
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            for s in range(0, input_ids.shape[0], batch):
+                cur["mask"] = attention_mask[s : s + batch].bool()
+                model(input_ids=input_ids[s : s + batch], attention_mask=attention_mask[s : s + batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {w: sums[w] / count[w] for w in sums}
+
+
+def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, block: int = BLOCK) -> QuantizedTensor:
+    """``qt`` with its codes chosen by error feedback under input moments ``h`` (cols x cols).
+
+    Columns are coded in order of decreasing ``h`` diagonal; each column's code is its
+    weight's nearest centroid after the error of the columns before has been fed forward
+    through the inverse-Hessian's Cholesky factor. Outliers keep their positions and take the
+    fed-forward value (stored exactly, so they add no error of their own).
+    """
+    import torch
+
+    if qt.row_scale is not None or qt.row_offset is not None:
+        raise ValueError("error feedback needs codebooks without row statistics (normalize_rows=False)")
+    rows, cols = qt.rows, qt.cols
+    W = torch.from_numpy(np.array(weight, dtype=np.float32).reshape(rows, cols))
+    cb = torch.from_numpy(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[:rows])
+    mids = ((cb[:, 1:].double() + cb[:, :-1].double()) * 0.5).contiguous()
+    out = np.zeros(rows * cols, dtype=bool)
+    out[qt.outlier_index] = True
+    mask = torch.from_numpy(out.reshape(rows, cols))
+    H = h.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    W = W[:, perm].double()
+    H = H[perm][:, perm]
+    mask = mask[:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(rows, cols, dtype=torch.int64)
+    value = torch.zeros(rows, cols, dtype=torch.float64)
+    cb64 = cb.double()
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            idx = (col[:, None] > mids).sum(1)  # nearest centroid, ties to the lower one
+            q = cb64.gather(1, idx[:, None])[:, 0]
+            m = mask[:, i1 + i]
+            q = torch.where(m, col.to(torch.float32).double(), q)
+            codes[:, i1 + i] = torch.where(m, 0, idx)
+            value[:, i1 + i] = col
+            e = (col - q) / U1[i, i]
+            W1[:, i + 1 :] -= e[:, None] * U1[i, i + 1 :][None, :]
+            E1[:, i] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    codes = codes[:, inv].numpy().reshape(-1).astype(np.uint8)
+    value = value[:, inv].numpy().reshape(-1)
+    return QuantizedTensor.from_codes(
+        codes,
+        shape=qt.shape,
+        bits=qt.bits,
+        codebook=qt.codebook,
+        group_rows=qt.group_rows,
+        outlier_index=qt.outlier_index,
+        outlier_value=value[qt.outlier_index].astype(np.float32),
+        method=qt.method,
+    )
+
+
+def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,
+          progress: Callable[[str], None] | None = None) -> dict:
+    """Re-code every quantized nn.Linear weight of ``quantized`` by :func:`requantize` under
+    the input moments of the FP32 ``model`` on ``n`` calibration sentences (``texts`` None:
+    synthetic). Returns the replaced tensors (name -> QuantizedTensor)."""
+    ids, mask = calibration_batch(tokenizer, texts, n)
+    h = input_moments(model, ids, mask, list(quantized))
+    new = {}
+    for name in quantized:
+        if name in h:
+            new[name] = requantize(quantized[name], state[name], h[name])
+            if progress is not None:
+                progress(name)
+    return new
