@@ -94,6 +94,12 @@ def test_quantize_with_feedback_saves_loads_and_repeats(tmp_path, snippets):
     params = dict(model.named_parameters())
     for name, q in cms[0].quantized.items():
         assert torch.equal(params[name].detach(), torch.from_numpy(q.dequantize()).reshape(params[name].shape))
+    packed = gobo.load(paths[0], packed=True)
+    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 1012, 102]])
+    with torch.inference_mode():
+        a = model(input_ids=ids).last_hidden_state
+        b = packed(input_ids=ids).last_hidden_state
+    assert float((a - b).abs().max()) <= 1e-4  # the packed kernel reads one codebook per row
     plain = gobo.quantize("minilm-l6", GoboConfig(allocate="uniform", codebook="row"), **SLICE)
     assert all(np.array_equal(plain.quantized[n].codebook, cms[0].quantized[n].codebook) for n in plain.quantized)
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .qtensor import QuantizedTensor
 
-__all__ = ["DAMP", "calibration_batch", "input_moments", "requantize", "texts_sha256"]
+__all__ = ["DAMP", "apply", "calibration_batch", "error_feedback", "input_moments", "requantize", "texts_sha256"]
 
 #: diagonal damping, as a fraction of the mean diagonal of H
 DAMP = 0.01
@@ -87,37 +87,30 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
     return {w: sums[w] / count[w] for w in sums}
 
 
-def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, block: int = BLOCK) -> QuantizedTensor:
-    """``qt`` with its codes chosen by error feedback under input moments ``h`` (cols x cols).
+def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int = BLOCK):
+    """Code the columns of ``weight`` (rows x cols) one at a time, pushing each column's error
+    onto the columns not yet coded (GPTQ, Frantar et al., 2023), under input moments ``h``.
 
-    Columns are coded in order of decreasing ``h`` diagonal; each column's code is its
-    weight's nearest centroid after the error of the columns before has been fed forward
-    through the inverse-Hessian's Cholesky factor. Outliers keep their positions and take the
-    fed-forward value (stored exactly, so they add no error of their own).
+    Columns go in order of decreasing ``h`` diagonal; columns no input reaches (zero
+    diagonal) are zeroed. ``quantize(col, j)`` codes column ``j`` (original index) given its
+    fed-forward float64 values and returns ``(value, code)``, two (rows,) tensors. Returns
+    ``(codes, values)`` (rows x cols, int64 and float64) in the original column order.
     """
     import torch
 
-    if qt.row_scale is not None or qt.row_offset is not None:
-        raise ValueError("error feedback needs codebooks without row statistics (normalize_rows=False)")
-    rows, cols = qt.rows, qt.cols
-    W = torch.from_numpy(np.array(weight, dtype=np.float32).reshape(rows, cols))
-    cb = torch.from_numpy(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[:rows])
-    mids = ((cb[:, 1:].double() + cb[:, :-1].double()) * 0.5).contiguous()
-    out = np.zeros(rows * cols, dtype=bool)
-    out[qt.outlier_index] = True
-    mask = torch.from_numpy(out.reshape(rows, cols))
+    W = weight.detach().to(torch.float64).clone()
     H = h.to(torch.float64).clone()
+    cols = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
+    W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-    W = W[:, perm].double()
-    H = H[perm][:, perm]
-    mask = mask[:, perm]
+    W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes = torch.zeros(rows, cols, dtype=torch.int64)
-    value = torch.zeros(rows, cols, dtype=torch.float64)
-    cb64 = cb.double()
+    codes = torch.zeros(W.shape, dtype=torch.int64)
+    values = torch.zeros_like(W)
+    order = perm.tolist()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
@@ -125,27 +118,51 @@ def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, b
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = W1[:, i]
-            idx = (col[:, None] > mids).sum(1)  # nearest centroid, ties to the lower one
-            q = cb64.gather(1, idx[:, None])[:, 0]
-            m = mask[:, i1 + i]
-            q = torch.where(m, col.to(torch.float32).double(), q)
-            codes[:, i1 + i] = torch.where(m, 0, idx)
-            value[:, i1 + i] = col
-            e = (col - q) / U1[i, i]
+            v, c = quantize(col, order[i1 + i])
+            codes[:, i1 + i], values[:, i1 + i] = c, v
+            e = (col - v) / U1[i, i]
             W1[:, i + 1 :] -= e[:, None] * U1[i, i + 1 :][None, :]
             E1[:, i] = e
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     inv = torch.argsort(perm)
-    codes = codes[:, inv].numpy().reshape(-1).astype(np.uint8)
-    value = value[:, inv].numpy().reshape(-1)
+    return codes[:, inv], values[:, inv]
+
+
+def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, block: int = BLOCK) -> QuantizedTensor:
+    """``qt`` with its codes chosen by :func:`error_feedback` under input moments ``h``.
+
+    Each column's code is its weight's nearest centroid (of the row's codebook) after the
+    error of the columns before has been fed forward. Outliers keep their positions and take
+    the fed-forward value (stored exactly, so they add no error of their own).
+    """
+    import torch
+
+    if qt.row_scale is not None or qt.row_offset is not None:
+        raise ValueError("error feedback needs codebooks without row statistics (normalize_rows=False)")
+    rows, cols = qt.rows, qt.cols
+    cb = torch.from_numpy(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[:rows]).double()
+    mids = ((cb[:, 1:] + cb[:, :-1]) * 0.5).contiguous()
+    out = np.zeros(rows * cols, dtype=bool)
+    out[qt.outlier_index] = True
+    mask = torch.from_numpy(out.reshape(rows, cols))
+
+    def nearest(col, j):
+        idx = (col[:, None] > mids).sum(1)  # nearest centroid, ties to the lower one
+        m = mask[:, j]
+        v = torch.where(m, col.to(torch.float32).to(torch.float64), cb.gather(1, idx[:, None])[:, 0])
+        return v, torch.where(m, 0, idx)
+
+    w = torch.from_numpy(np.asarray(weight, dtype=np.float32).reshape(rows, cols))
+    codes, values = error_feedback(w, h, nearest, damp, block)
+    values = values.numpy().reshape(-1)
     return QuantizedTensor.from_codes(
-        codes,
+        codes.numpy().reshape(-1).astype(np.uint8),
         shape=qt.shape,
         bits=qt.bits,
         codebook=qt.codebook,
         group_rows=qt.group_rows,
         outlier_index=qt.outlier_index,
-        outlier_value=value[qt.outlier_index].astype(np.float32),
+        outlier_value=values[qt.outlier_index].astype(np.float32),
         method=qt.method,
     )
 

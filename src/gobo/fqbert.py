@@ -174,33 +174,17 @@ def gptq_rows(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.T
     spread over the columns not yet rounded through the inverse of ``hessian`` (``X^T X`` of the
     layer's calibration inputs), which minimises ``||X w^T - X q^T||`` rather than ``||w - q||``.
     """
+    from .feedback import error_feedback
+
     q = qmax(bits)
-    W = w.detach().double().clone()
-    H = hessian.double().clone()
-    n = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    s = scales.double()[:, None]  # (out, 1)
-    codes = torch.zeros_like(W)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        w1 = W[:, i1:i2].clone()
-        err = torch.zeros_like(w1)
-        hb = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i : i + 1]
-            c = torch.clamp(torch.round(col / s), -q, q)
-            codes[:, i1 + i] = c[:, 0]
-            e = (col - c * s) / hb[i, i]
-            w1[:, i:] -= e @ hb[i : i + 1, i:]
-            err[:, i : i + 1] = e
-        W[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return codes[:, torch.argsort(perm)].to(torch.int8)
+    s = scales.double()
+
+    def rounded(col, j):
+        c = torch.clamp(torch.round(col / s), -q, q)
+        return c * s, c.to(torch.int64)
+
+    codes, _ = error_feedback(w, hessian, rounded, damp, block)
+    return codes.to(torch.int8)
 
 
 class _Observer:
