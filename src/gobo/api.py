@@ -65,7 +65,8 @@ def quantize(
     total = len(names)
     cb = None if progress is None else (lambda name: progress(name, total))
     calibrated = isinstance(config, GoboConfig) and (config.allocate == "sensitivity" or config.correct_bias)
-    if calibrated:  # data-free: synthetic sentences from the model's own tokenizer
+    fed_back = isinstance(config, GoboConfig) and bool(config.feedback)
+    if calibrated or fed_back:  # model passes over sentences: synthetic ones come from the model's own tokenizer
         from transformers import AutoTokenizer
 
         from .calibrate import OutputSensitivity, match_output_means
@@ -73,8 +74,8 @@ def quantize(
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens)
-    if isinstance(config, GoboConfig) and config.feedback:
-        cm = _with_feedback(cm, config, src, model_dir, state, calibration_texts)
+    if fed_back:
+        cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts)
     if calibrated and config.correct_bias:
         deq = {n: q.dequantize() for n, q in cm.quantized.items()}
         cm.dense.update(match_output_means(src, tokenizer, deq, cm.dense))
@@ -87,15 +88,12 @@ def quantize(
     return cm
 
 
-def _with_feedback(cm: CompressedModel, config: GoboConfig, src, model_dir, state: dict, texts) -> CompressedModel:
+def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts) -> CompressedModel:
     import dataclasses
 
-    from transformers import AutoTokenizer
-
     from . import feedback
-    from .quantizer import TensorStats, sqnr_db
+    from .quantizer import TensorStats
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if config.feedback == "texts":
         if texts is None:
             from .data import load_rotten_tomatoes
@@ -108,10 +106,8 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, model_dir, stat
     else:
         texts = None
     for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts).items():
-        w = np.asarray(state[name], dtype=np.float32)
         cm.quantized[name] = qt
-        cm.stats[name] = TensorStats(shape=tuple(w.shape), bits=qt.bits, sqnr_db=sqnr_db(w, qt.dequantize()),
-                                     outlier_fraction=qt.n_outliers / max(qt.numel, 1), fp32_bytes=w.size * 4, nbytes=qt.nbytes())
+        cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
     cm.config = config
     return cm
 

@@ -50,12 +50,12 @@ class GoboConfig:
     correct_bias: bool = False  # Linear biases re-fitted so mean outputs match FP32 on synthetic sentences
     layer_omega: tuple[float, ...] = ()  # allocate="hessian": Omega of each encoder layer, layer 0 first; () = to measure
     version: int = 1
-    #: fields added after version 1, with the value a file written before them implies: left
-    #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     codebook: str = "tensor"  # "tensor": one codebook per tensor (paper); "row": one per row (needs allocate="uniform")
     feedback: str = ""  # "": codes by nearest centroid; "synthetic" or "texts": error feedback (gobo.feedback)
     feedback_texts: int = 256  # calibration sentences for the error feedback
     feedback_sha256: str = ""  # feedback="texts": hash of the calibration texts used (gobo.quantize records it)
+    #: fields added after version 1, with the value a file written before them implies: left
+    #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
                                                      "feedback": "", "feedback_texts": 256, "feedback_sha256": ""}
 

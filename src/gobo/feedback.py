@@ -167,17 +167,10 @@ def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, b
     )
 
 
-def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,
-          progress: Callable[[str], None] | None = None) -> dict:
+def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int) -> dict:
     """Re-code every quantized nn.Linear weight of ``quantized`` by :func:`requantize` under
     the input moments of the FP32 ``model`` on ``n`` calibration sentences (``texts`` None:
     synthetic). Returns the replaced tensors (name -> QuantizedTensor)."""
     ids, mask = calibration_batch(tokenizer, texts, n)
     h = input_moments(model, ids, mask, list(quantized))
-    new = {}
-    for name in quantized:
-        if name in h:
-            new[name] = requantize(quantized[name], state[name], h[name])
-            if progress is not None:
-                progress(name)
-    return new
+    return {name: requantize(quantized[name], state[name], h[name]) for name in quantized if name in h}

@@ -40,6 +40,12 @@ class TensorStats:
     fp32_bytes: int
     nbytes: int  # bytes stored for this tensor
 
+    @classmethod
+    def measure(cls, w: np.ndarray, qt: QuantizedTensor) -> "TensorStats":
+        """The stats of ``qt`` as the compressed form of FP32 tensor ``w``."""
+        return cls(shape=tuple(w.shape), bits=qt.bits, sqnr_db=sqnr_db(w, qt.dequantize()),
+                   outlier_fraction=qt.n_outliers / max(qt.numel, 1), fp32_bytes=w.size * 4, nbytes=qt.nbytes())
+
     @property
     def ratio(self) -> float:
         return self.fp32_bytes / max(self.nbytes, 1)
@@ -205,14 +211,7 @@ def quantize_state(
 
     def finish(n: str, w: np.ndarray, qt: QuantizedTensor) -> None:
         quantized[n] = qt
-        stats[n] = TensorStats(
-            shape=tuple(w.shape),
-            bits=qt.bits,
-            sqnr_db=sqnr_db(w, qt.dequantize()),
-            outlier_fraction=qt.n_outliers / max(qt.numel, 1),
-            fp32_bytes=w.size * 4,
-            nbytes=qt.nbytes(),
-        )
+        stats[n] = TensorStats.measure(w, qt)
 
     quantized: dict[str, QuantizedTensor] = {}
     stats: dict[str, TensorStats] = {}

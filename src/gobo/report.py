@@ -85,11 +85,11 @@ def summarize(cm: CompressedModel, file_path: str | Path | None = None) -> Model
     if method == "gobo":
         from .config import GoboConfig
 
-        d = cfg["data"]
-        if cm.config == GoboConfig.paper(cm.config.bits, outlier_threshold=cm.config.outlier_threshold, max_iter=cm.config.max_iter):
+        c = cm.config
+        if c == GoboConfig.paper(c.bits, outlier_threshold=c.outlier_threshold, max_iter=c.max_iter):
             method = "gobo-paper"
-        elif d.get("codebook") == "row" or d.get("feedback"):
-            method = "gobo" + ("+rows" if d.get("codebook") == "row" else "") + ("+feedback" if d.get("feedback") else "")
+        else:
+            method = "gobo" + ("+rows" if c.codebook == "row" else "") + ("+feedback" if c.feedback else "")
     return ModelSummary(
         method=method,
         config=cfg,
