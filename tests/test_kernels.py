@@ -114,6 +114,71 @@ def test_linear_one_tile_is_exact_against_the_same_gemm():
     assert torch.equal(y, ref)
 
 
+needs_gemm = pytest.mark.skipif(not kernels.gemm_available(), reason="the fused kernel needs x86-64 with AVX2 and FMA")
+
+
+@needs_gemm
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_fused_gemm_matches_reference_on_ragged_shapes(bits):
+    # rows around the 16-wide panels and 128-row blocks, columns around the 8-wide transposes
+    # and 256-deep k blocks, batches around the 6-row strips
+    rng = torch.Generator().manual_seed(100 + bits)
+    for rows, cols in [(1, 1), (15, 7), (17, 9), (129, 257), (40, 513)]:
+        qt = make_qt(rows, cols, bits, seed=rows + cols, stats=np.float16, outlier_frac=0.02, group_rows=max(1, rows // 3))
+        p = Packed.from_qtensor(qt)
+        bias = torch.randn(rows, generator=rng)
+        for m in (1, 5, 6, 7, 13):
+            x = torch.randn(m, cols, generator=rng)
+            for b in (None, bias):
+                ref = linear_reference(x, p, b)
+                y = linear(x, p, b)
+                scale = max(ref.abs().max().item(), 1e-6)
+                assert (y - ref).abs().max().item() <= 1e-5 * scale, (bits, rows, cols, m)
+
+
+@needs_gemm
+def test_fused_gemm_is_independent_of_threads_and_batch():
+    # one summation order per output: the same bits whatever the thread count or batch split
+    qt = make_qt(300, 200, 3, seed=7, outlier_frac=0.01)
+    p = Packed.from_qtensor(qt)
+    x, b = torch.randn(23, 200), torch.randn(300)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(linear(x, p, b))
+        rows_alone = torch.cat([linear(x[i : i + 1], p, b) for i in range(x.shape[0])])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.equal(outs[0], rows_alone)
+
+
+@needs_gemm
+def test_fused_gemm_in_a_forked_child():
+    # the worker threads do not survive fork(): the child must start its own
+    import multiprocessing as mp
+
+    qt = make_qt(64, 48, 3, seed=3)
+    p = Packed.from_qtensor(qt)
+    x = torch.randn(9, 48)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parent = linear(x, p)  # starts the pool here
+        with mp.get_context("fork").Pool(1) as pool:
+            child = pool.apply(_fork_linear, (x, p))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(parent, child)
+
+
+def _fork_linear(x, p):
+    torch.set_num_threads(2)
+    return linear(x, p)
+
+
 def test_tile_rows_for():
     assert kernels.tile_rows_for(384, 1 << 20) == 680
     assert kernels.tile_rows_for(10**9) == 8

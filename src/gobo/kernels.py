@@ -5,15 +5,21 @@ tensors (:class:`Packed`). Two paths compute the same things:
 
 * reference (pure torch/numpy, always there): dequantize the whole matrix with
   :meth:`QuantizedTensor.dequantize`, then ``F.linear`` or indexing;
-* fast (``gobo._native``, C, AVX2 chosen at run time): decode a tile of rows into a float32
-  scratch buffer, bit-identical to ``dequantize()`` on those rows, and multiply it with
-  ``torch.addmm`` (MKL/oneDNN, ``torch.get_num_threads()`` threads) straight into the tile's
-  columns of the output. The buffer is one per thread, reused by every layer; a tile is the
-  whole matrix up to :data:`DEFAULT_TILE_BYTES`, so the model never holds more than one
-  decoded matrix at a time.
+* fast (``gobo._native``, C, AVX2 chosen at run time), two ways:
 
-The decoded tile is exact, so the fast and reference outputs differ only by the GEMM's
-summation order over tiles (in practice they are equal or within a few ulps).
+  - fused (``gobo_qgemm``, csrc/qgemm.c; x86-64 with AVX2 and FMA): the GEMM's own kernel.
+    It decodes 16 rows of codes at a time, bit-identical to ``dequantize()``, and transposes
+    them straight into the panels its 6 x 16 register-blocked inner kernel reads, so decoding
+    replaces the packing copy every GEMM makes. Only a panel block of ``W`` (128 rows) is ever
+    in float32 per thread, and threads split the output features;
+  - tiled (elsewhere, or when asked for with ``tile_rows``): decode a tile of rows into a
+    float32 scratch buffer and multiply it with ``torch.addmm`` (MKL/oneDNN) straight into
+    the tile's columns of the output. The tile is the whole matrix up to
+    :data:`DEFAULT_TILE_BYTES`.
+
+Both multiply exactly the decoded bits, so the fast and reference outputs differ only by the
+GEMM's summation order (a few float32 ulps). The fused kernel sums every output in one fixed
+order (bias, then k ascending), whatever the batch size or thread count.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ __all__ = [
     "embedding",
     "embedding_reference",
     "fast_available",
+    "gemm_available",
     "linear",
     "linear_reference",
     "simd_enabled",
@@ -142,6 +149,12 @@ def _lib():
     so.gobo_decode_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
     so.gobo_decode_row_list.restype = ctypes.c_int
     so.gobo_decode_row_list.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
+    so.gobo_qgemm_available.restype = ctypes.c_int
+    so.gobo_qgemm_available.argtypes = []
+    so.gobo_qgemm.restype = ctypes.c_int
+    so.gobo_qgemm.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+    ]
     return so
 
 
@@ -272,14 +285,23 @@ def linear_reference(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = Non
     return torch.nn.functional.linear(x, p.dequantize(), bias)
 
 
-def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, tile_rows: int | None = None, q: QMat | None = None) -> torch.Tensor:
-    """``y = x W^T + b`` with ``W`` decoded tile by tile from ``p`` (x: (..., cols) float32).
+@lru_cache(maxsize=1)
+def gemm_available() -> bool:
+    """True when the fused decode-and-multiply kernel (``gobo_qgemm``: x86-64, AVX2, FMA) runs here."""
+    return fast_available() and bool(_lib().gobo_qgemm_available())
 
+
+def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, tile_rows: int | None = None, q: QMat | None = None) -> torch.Tensor:
+    """``y = x W^T + b`` with ``W`` decoded from ``p`` (x: (..., cols) float32).
+
+    By default the fused kernel decodes ``W`` block by block straight into its GEMM panels,
+    on ``torch.get_num_threads()`` threads; ``tile_rows`` (or a CPU without AVX2/FMA) takes
+    the tiled path instead: ``tile_rows`` rows decoded at a time, multiplied by ``torch.addmm``.
     ``q`` is a cached :func:`_qmat` of ``p`` (the module passes it to skip the checks).
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad or x.dtype != torch.float32 or x.device.type != "cpu" or not fast_available():
-        return linear_reference(x, p, bias)  # the fast path writes into out= views: no autograd
+        return linear_reference(x, p, bias)  # the fast paths write into out= buffers: no autograd
     lead = x.shape[:-1]
     if x.shape[-1] != p.cols:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {p.cols}")
@@ -292,11 +314,19 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, tile
         return y.reshape(*lead, n)
     if q is None:
         q = _qmat(p)
-    t = tile_rows or tile_rows_for(k)
-    t = min(t, n)
+    qref = ctypes.byref(q)
+    if tile_rows is None and gemm_available():
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != n):
+            bias = bias.to(torch.float32).contiguous().reshape(n)
+        rc = _lib().gobo_qgemm(qref, x2.data_ptr(), m, k, y.data_ptr(), n, None if bias is None else bias.data_ptr(), torch.get_num_threads())
+        if rc == 2:
+            raise MemoryError("no memory for the GEMM's scratch buffers")
+        if rc:
+            raise ValueError("the native GEMM rejected its arguments")
+        return y.reshape(*lead, n)
+    t = min(tile_rows or tile_rows_for(k), n)
     buf = _scratch_buffer(t * k)
     decode = _lib().gobo_decode_rows
-    qref = ctypes.byref(q)
     bptr = buf.data_ptr()
     for r0 in range(0, n, t):
         r1 = min(n, r0 + t)

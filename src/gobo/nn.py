@@ -3,9 +3,8 @@
 A swapped model holds, per quantized weight, only what the file stores (packed uint8 codes,
 codebook(s), optional per-row scale/offset, outlier positions and values) plus the FP32 bias;
 no FP32 copy of a quantized weight stays resident. A Linear's forward pass decodes its weight
-into a per-thread scratch buffer that every layer reuses (whole matrices up to 64 MiB, tiles
-of rows beyond) and multiplies from there; an Embedding decodes just the looked-up rows. See
-:mod:`gobo.kernels`.
+block by block straight into the panels of its GEMM (per-thread scratch that every layer
+reuses); an Embedding decodes just the looked-up rows. See :mod:`gobo.kernels`.
 
 Modules are matched to quantized tensors by their state-dict names (``NAME.weight``), so the
 swap works on any module tree without knowing an architecture's layer names.
@@ -83,8 +82,9 @@ class _Packed(nn.Module):
 class QuantLinear(_Packed):
     """``nn.Linear`` whose weight stays packed; ``forward`` decodes it into a reused buffer.
 
-    ``tile_rows`` (rows of W decoded and multiplied at a time) defaults to
-    :data:`gobo.kernels.DEFAULT_TILE_BYTES` of float32: the whole matrix in practice.
+    By default the fused kernel multiplies straight from the codes (:func:`gobo.kernels.linear`);
+    ``tile_rows`` asks for the tiled path instead (that many rows of W decoded, then
+    ``torch.addmm``), which is also what CPUs without AVX2/FMA get.
     """
 
     def __init__(self, packed: kernels.Packed, bias: torch.Tensor | None = None, tile_rows: int | None = None):
@@ -97,7 +97,7 @@ class QuantLinear(_Packed):
             self.bias = nn.Parameter(bias.detach().to(torch.float32).contiguous(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.tile_rows = tile_rows or kernels.tile_rows_for(packed.cols)
+        self.tile_rows = tile_rows
 
     @classmethod
     def from_qtensor(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, tile_rows: int | None = None) -> "QuantLinear":
@@ -118,7 +118,7 @@ class QuantLinear(_Packed):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"{self._packed_repr()}, tile_rows={self.tile_rows}"
+            f"{self._packed_repr()}" + ("" if self.tile_rows is None else f", tile_rows={self.tile_rows}")
         )
 
 

@@ -34,25 +34,7 @@
 #endif
 
 #include "gobo_api.h"
-
-/* One quantized matrix (rows x cols), mirrored by gobo.kernels.QMat (ctypes). */
-typedef struct {
-    const uint8_t *codes;      /* packed LSB-first bit stream, nbytes bytes */
-    int64_t nbytes;
-    int64_t rows;
-    int64_t cols;
-    int64_t group_rows;        /* rows sharing one codebook row */
-    const float *codebook;     /* (ceil(rows / group_rows), 2**bits) */
-    const void *row_scale;     /* NULL, or rows values: float32, or float16 when stats_f16 */
-    const void *row_offset;    /* NULL, or like row_scale */
-    const void *outlier_index; /* sorted flat positions: int32 when index32, else int64 */
-    const float *outlier_value;
-    int64_t n_outliers;
-    int32_t bits;
-    int32_t stats_f16;
-    int32_t index32;
-    int32_t pad_;
-} gobo_qmat;
+#include "qmat.h"
 
 /* ------------------------------------------------------------------------- helpers */
 

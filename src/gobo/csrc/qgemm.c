@@ -1,0 +1,341 @@
+/* gobo CPU GEMM on packed weights: y = x W^T + bias, W (N x K) held as b-bit codes.
+ *
+ * A GEMM copies blocks of its right-hand matrix into "panels" (here: 16 output features
+ * side by side for every k) so that its inner kernel reads them contiguously. This one never
+ * holds W in float32: it decodes each block of 16 rows of codes (gobo_decode_rows, the same
+ * bits as QuantizedTensor.dequantize()) and transposes it straight into its panel, so the
+ * decoding takes the place of the packing copy. The inner kernel multiplies 6 rows of x by
+ * one panel slice of 256 k's into 6 x 16 accumulators (12 AVX2 registers, fused
+ * multiply-adds), the classic register blocking of BLIS/GotoBLAS.
+ *
+ * Every output is summed in the same order (bias, then k = 0, 1, ...) whatever the thread
+ * count or batch size, so the result does not depend on either. Threads split the output
+ * features (each decodes only its own rows) and come from a small pool of POSIX threads
+ * created on first use; idle workers sleep on a condition variable.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gobo_api.h"
+#include "qmat.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QG_X86 1
+#else
+#define QG_X86 0
+#endif
+
+#define MR 6
+#define NR 16
+#define KC 256
+#define NC 128
+#define MC 96 /* a multiple of MR */
+#define MAX_THREADS 64
+
+typedef struct {
+    const gobo_qmat *q;
+    const float *x; /* m x K, row stride ldx */
+    int64_t m, ldx;
+    float *y;       /* m x N, row stride ldy */
+    int64_t ldy;
+    const float *bias; /* N or NULL */
+    int64_t n_per;  /* output features per thread, a multiple of NR */
+    int nthreads;
+    int status[MAX_THREADS];
+} qg_job;
+
+#if QG_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* C[6 x 16] (row stride ldc) = init or C, + A * B over kc steps: A packed 6 values per k
+ * (rows of x interleaved), B a panel slice of 16 values per k */
+static inline __attribute__((always_inline)) AVX2 void kernel_6x16(int64_t kc, const float *A, const float *B,
+                                                                    float *C, int64_t ldc, const float *init, int accum) {
+    __m256 c[MR][2];
+    if (accum) {
+        for (int i = 0; i < MR; ++i) {
+            c[i][0] = _mm256_loadu_ps(C + i * ldc);
+            c[i][1] = _mm256_loadu_ps(C + i * ldc + 8);
+        }
+    } else {
+        const __m256 z0 = init ? _mm256_loadu_ps(init) : _mm256_setzero_ps();
+        const __m256 z1 = init ? _mm256_loadu_ps(init + 8) : _mm256_setzero_ps();
+        for (int i = 0; i < MR; ++i) { c[i][0] = z0; c[i][1] = z1; }
+    }
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kc; ++k, A += MR, B += NR) {
+        const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
+        __m256 a;
+        a = _mm256_broadcast_ss(A + 0); c[0][0] = _mm256_fmadd_ps(a, b0, c[0][0]); c[0][1] = _mm256_fmadd_ps(a, b1, c[0][1]);
+        a = _mm256_broadcast_ss(A + 1); c[1][0] = _mm256_fmadd_ps(a, b0, c[1][0]); c[1][1] = _mm256_fmadd_ps(a, b1, c[1][1]);
+        a = _mm256_broadcast_ss(A + 2); c[2][0] = _mm256_fmadd_ps(a, b0, c[2][0]); c[2][1] = _mm256_fmadd_ps(a, b1, c[2][1]);
+        a = _mm256_broadcast_ss(A + 3); c[3][0] = _mm256_fmadd_ps(a, b0, c[3][0]); c[3][1] = _mm256_fmadd_ps(a, b1, c[3][1]);
+        a = _mm256_broadcast_ss(A + 4); c[4][0] = _mm256_fmadd_ps(a, b0, c[4][0]); c[4][1] = _mm256_fmadd_ps(a, b1, c[4][1]);
+        a = _mm256_broadcast_ss(A + 5); c[5][0] = _mm256_fmadd_ps(a, b0, c[5][0]); c[5][1] = _mm256_fmadd_ps(a, b1, c[5][1]);
+    }
+    for (int i = 0; i < MR; ++i) {
+        _mm256_storeu_ps(C + i * ldc, c[i][0]);
+        _mm256_storeu_ps(C + i * ldc + 8, c[i][1]);
+    }
+}
+
+/* A packed for the kernel: rows [0, mr) x columns [0, kc) of x (row stride ldx), six values
+ * per k, rows past mr zero */
+static void pack_a(const float *x, int64_t ldx, int64_t mr, int64_t kc, float *ap) {
+    if (mr == MR) {
+        const float *r0 = x, *r1 = x + ldx, *r2 = x + 2 * ldx, *r3 = x + 3 * ldx, *r4 = x + 4 * ldx, *r5 = x + 5 * ldx;
+        for (int64_t k = 0; k < kc; ++k, ap += MR) {
+            ap[0] = r0[k]; ap[1] = r1[k]; ap[2] = r2[k]; ap[3] = r3[k]; ap[4] = r4[k]; ap[5] = r5[k];
+        }
+        return;
+    }
+    for (int64_t k = 0; k < kc; ++k, ap += MR)
+        for (int64_t i = 0; i < MR; ++i) ap[i] = i < mr ? x[i * ldx + k] : 0.0f;
+}
+
+/* panel (k x 16, contiguous) = transpose of rows (16 x K, stride K), columns [0, K) */
+static AVX2 void transpose_16xk(const float *rows, int64_t K, float *panel) {
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        for (int h = 0; h < 2; ++h) {
+            const float *r = rows + (int64_t)(8 * h) * K + k;
+            __m256 t0 = _mm256_loadu_ps(r), t1 = _mm256_loadu_ps(r + K), t2 = _mm256_loadu_ps(r + 2 * K), t3 = _mm256_loadu_ps(r + 3 * K);
+            __m256 t4 = _mm256_loadu_ps(r + 4 * K), t5 = _mm256_loadu_ps(r + 5 * K), t6 = _mm256_loadu_ps(r + 6 * K), t7 = _mm256_loadu_ps(r + 7 * K);
+            __m256 u0 = _mm256_unpacklo_ps(t0, t1), u1 = _mm256_unpackhi_ps(t0, t1), u2 = _mm256_unpacklo_ps(t2, t3), u3 = _mm256_unpackhi_ps(t2, t3);
+            __m256 u4 = _mm256_unpacklo_ps(t4, t5), u5 = _mm256_unpackhi_ps(t4, t5), u6 = _mm256_unpacklo_ps(t6, t7), u7 = _mm256_unpackhi_ps(t6, t7);
+            __m256 v0 = _mm256_shuffle_ps(u0, u2, 0x44), v1 = _mm256_shuffle_ps(u0, u2, 0xEE), v2 = _mm256_shuffle_ps(u1, u3, 0x44), v3 = _mm256_shuffle_ps(u1, u3, 0xEE);
+            __m256 v4 = _mm256_shuffle_ps(u4, u6, 0x44), v5 = _mm256_shuffle_ps(u4, u6, 0xEE), v6 = _mm256_shuffle_ps(u5, u7, 0x44), v7 = _mm256_shuffle_ps(u5, u7, 0xEE);
+            float *p = panel + k * NR + 8 * h;
+            _mm256_store_ps(p + 0 * NR, _mm256_permute2f128_ps(v0, v4, 0x20));
+            _mm256_store_ps(p + 1 * NR, _mm256_permute2f128_ps(v1, v5, 0x20));
+            _mm256_store_ps(p + 2 * NR, _mm256_permute2f128_ps(v2, v6, 0x20));
+            _mm256_store_ps(p + 3 * NR, _mm256_permute2f128_ps(v3, v7, 0x20));
+            _mm256_store_ps(p + 4 * NR, _mm256_permute2f128_ps(v0, v4, 0x31));
+            _mm256_store_ps(p + 5 * NR, _mm256_permute2f128_ps(v1, v5, 0x31));
+            _mm256_store_ps(p + 6 * NR, _mm256_permute2f128_ps(v2, v6, 0x31));
+            _mm256_store_ps(p + 7 * NR, _mm256_permute2f128_ps(v3, v7, 0x31));
+        }
+    }
+    for (; k < K; ++k)
+        for (int j = 0; j < NR; ++j) panel[k * NR + j] = rows[(int64_t)j * K + k];
+}
+
+/* per-thread scratch: panels (NC x K), 16 decoded rows (16 x K), a packed strip of A, an edge tile of C */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+typedef struct { float *buf; int64_t cap; } qg_scratch;
+static void scratch_free(void *p) { qg_scratch *s = p; if (s) { free(s->buf); free(s); } }
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+static float *scratch(int64_t n) {
+    pthread_once(&scratch_once, scratch_init);
+    qg_scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s) return NULL;
+        pthread_setspecific(scratch_key, s);
+    }
+    if (s->cap < n) {
+        free(s->buf);
+        s->buf = aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
+        s->cap = s->buf ? n : 0;
+    }
+    return s->buf;
+}
+
+/* output features [n_lo, n_hi) of the job */
+static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
+    const gobo_qmat *q = j->q;
+    const int64_t K = q->cols, M = j->m;
+    const int64_t kpad = (K + 7) / 8 * 8;
+    float *buf = scratch(NC * kpad + NR * kpad + MC * KC + MR * NR + 2 * NR);
+    if (!buf) return 2;
+    float *panels = buf, *rows = panels + NC * kpad, *apad = rows + NR * kpad, *ctmp = apad + MC * KC, *itmp = ctmp + MR * NR;
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += NC) {
+        const int64_t nc = n_hi - n0 < NC ? n_hi - n0 : NC;
+        const int64_t np = (nc + NR - 1) / NR;
+        for (int64_t p = 0; p < np; ++p) {
+            const int64_t r0 = n0 + p * NR, r1 = r0 + NR < n0 + nc ? r0 + NR : n0 + nc;
+            if (gobo_decode_rows(q, r0, r1, rows, K, 1)) return 1;
+            if (r1 - r0 < NR) memset(rows + (r1 - r0) * K, 0, sizeof(float) * (size_t)((NR - (r1 - r0)) * K));
+            transpose_16xk(rows, K, panels + p * kpad * NR);
+        }
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t kc = K - k0 < KC ? K - k0 : KC;
+            const int accum = k0 > 0;
+            for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
+                /* MC rows of x, packed strip by strip (stays in L2) */
+                const int64_t mc = M - mc0 < MC ? M - mc0 : MC;
+                const int64_t ns = (mc + MR - 1) / MR;
+                for (int64_t st = 0; st < ns; ++st) {
+                    const int64_t m0 = mc0 + st * MR;
+                    pack_a(j->x + m0 * j->ldx + k0, j->ldx, M - m0 < MR ? M - m0 : MR, kc, apad + st * MR * kc);
+                }
+                for (int64_t p = 0; p < np; ++p) { /* one panel slice (stays in L1) against every strip */
+                    const int64_t c0 = n0 + p * NR;
+                    const int64_t ncol = n0 + nc - c0 < NR ? n0 + nc - c0 : NR;
+                    const float *B = panels + p * kpad * NR + k0 * NR;
+                    const float *init = NULL;
+                    if (!accum && j->bias) {
+                        if (ncol == NR) init = j->bias + c0;
+                        else {
+                            memset(itmp, 0, sizeof(float) * NR);
+                            memcpy(itmp, j->bias + c0, sizeof(float) * (size_t)ncol);
+                            init = itmp;
+                        }
+                    }
+                    for (int64_t st = 0; st < ns; ++st) {
+                        const int64_t m0 = mc0 + st * MR;
+                        const int64_t mr = M - m0 < MR ? M - m0 : MR;
+                        const float *A = apad + st * MR * kc;
+                        float *C = j->y + m0 * j->ldy + c0;
+                        if (mr == MR && ncol == NR) {
+                            kernel_6x16(kc, A, B, C, j->ldy, init, accum);
+                        } else { /* edge tile through a 6 x 16 buffer */
+                            if (accum)
+                                for (int64_t i = 0; i < mr; ++i) memcpy(ctmp + i * NR, C + i * j->ldy, sizeof(float) * (size_t)ncol);
+                            kernel_6x16(kc, A, B, ctmp, NR, init, accum);
+                            for (int64_t i = 0; i < mr; ++i) memcpy(C + i * j->ldy, ctmp + i * NR, sizeof(float) * (size_t)ncol);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+static int have_avx2_fma(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return cached;
+}
+#else
+static int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) { (void)j; (void)n_lo; (void)n_hi; return 3; }
+static int have_avx2_fma(void) { return 0; }
+#endif
+
+static void run_thread(qg_job *j, int t) {
+    const int64_t N = j->q->rows;
+    const int64_t lo = (int64_t)t * j->n_per, hi = lo + j->n_per < N ? lo + j->n_per : N;
+    j->status[t] = lo < hi ? run_part(j, lo, hi) : 0;
+}
+
+/* ------------------------------------------------------------------------- thread pool */
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;   /* guards the fields below */
+static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;   /* one GEMM at a time uses the pool */
+static int pool_size;          /* workers started (thread ids 1..pool_size) */
+static uint64_t pool_gen;
+static qg_job *pool_job;
+static int pool_pending;
+
+typedef struct { int id; uint64_t gen; } qg_start;
+
+static void *worker(void *arg) {
+    /* the generation at creation: a job posted right after counts this worker in */
+    const qg_start st = *(qg_start *)arg;
+    free(arg);
+    const int id = st.id;
+    uint64_t seen = st.gen;
+    pthread_mutex_lock(&pool_mu);
+    for (;;) {
+        while (pool_gen == seen) pthread_cond_wait(&pool_go, &pool_mu);
+        seen = pool_gen;
+        qg_job *j = pool_job;
+        pthread_mutex_unlock(&pool_mu);
+        if (id < j->nthreads) run_thread(j, id);
+        pthread_mutex_lock(&pool_mu);
+        if (--pool_pending == 0) pthread_cond_signal(&pool_done);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) {
+    /* the workers do not exist in a forked child: start afresh */
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_mutex_init(&call_mu, NULL);
+    pthread_cond_init(&pool_go, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_size = 0;
+    pool_pending = 0;
+}
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void fork_init(void) { pthread_atfork(NULL, NULL, after_fork_child); }
+
+/* start workers up to `want` (caller holds pool_mu); returns how many exist */
+static int grow_pool(int want) {
+    while (pool_size < want) {
+        pthread_t th;
+        pthread_attr_t at;
+        qg_start *st = malloc(sizeof *st);
+        if (!st) break;
+        st->id = pool_size + 1;
+        st->gen = pool_gen;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&th, &at, worker, st);
+        pthread_attr_destroy(&at);
+        if (rc) { free(st); break; }
+        ++pool_size;
+    }
+    return pool_size;
+}
+
+/* ------------------------------------------------------------------------- entry points */
+
+/* 1 when gobo_qgemm runs on this CPU (x86-64 with AVX2 and FMA). */
+GOBO_API int gobo_qgemm_available(void) { return have_avx2_fma(); }
+
+/* y (m x rows, row stride ldy) = x (m x cols, row stride ldx) W^T + bias, with W decoded from
+ * q, on up to nthreads threads. Returns 0; 1 on bad arguments; 2 when out of memory; 3 when
+ * this CPU lacks AVX2/FMA (the caller computes another way). */
+GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias, int32_t nthreads) {
+    if (!have_avx2_fma()) return 3;
+    if (!q || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || q->rows < 0 || q->cols < 0) return 1;
+    if (m == 0 || q->rows == 0) return 0;
+    if (q->cols == 0) { /* an empty sum: the bias alone */
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t n = 0; n < q->rows; ++n) y[i * ldy + n] = bias ? bias[n] : 0.0f;
+        return 0;
+    }
+    qg_job j = {.q = q, .x = x, .m = m, .ldx = ldx, .y = y, .ldy = ldy, .bias = bias};
+    const int64_t panels = (q->rows + NR - 1) / NR;
+    int t = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
+    if (t > panels) t = (int)panels;
+    j.n_per = (panels + t - 1) / t * NR;
+    j.nthreads = (int)((q->rows + j.n_per - 1) / j.n_per);
+    if (j.nthreads <= 1) {
+        run_thread(&j, 0);
+        return j.status[0];
+    }
+    pthread_once(&fork_once, fork_init);
+    pthread_mutex_lock(&call_mu);
+    pthread_mutex_lock(&pool_mu);
+    if (grow_pool(j.nthreads - 1) < j.nthreads - 1) j.nthreads = pool_size + 1;
+    if (j.nthreads > 1) {
+        j.n_per = (panels + j.nthreads - 1) / j.nthreads * NR;
+        pool_job = &j;
+        pool_pending = pool_size;
+        ++pool_gen;
+        pthread_cond_broadcast(&pool_go);
+    }
+    pthread_mutex_unlock(&pool_mu);
+    run_thread(&j, 0);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+    pthread_mutex_unlock(&call_mu);
+    for (int i = 0; i < j.nthreads; ++i)
+        if (j.status[i]) return j.status[i];
+    return 0;
+}
