@@ -3,7 +3,7 @@
 For each model: quantize it with the default method (3 bits), load the result twice (dense:
 ``gobo.load(dir)``, weights dequantized to float32; packed: ``gobo.load(dir, packed=True)``,
 weights kept as codes and multiplied by the fused kernel), encode every test text with both,
-and report the largest difference of the sentence embeddings and of the last hidden states
+in turns, and report the largest difference of the sentence embeddings and of the last hidden states
 (on the first batches), the fraction of identical frozen-probe predictions, and the encoding
 time of each (speed as a ratio, measured in the same run). Prints a table, writes JSON.
 
@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="test texts, spread over the split (default: all)")
     ap.add_argument("--hidden-batches", type=int, default=4, help="batches of 32 texts compared on the last hidden state")
+    ap.add_argument("--chunk", type=int, default=256, help="texts per turn (dense and packed alternate)")
     ap.add_argument("--out", default="bench/results/packed.json")
     args = ap.parse_args()
 
@@ -59,12 +60,17 @@ def main() -> int:
             out = Path(tmp) / "q"
             gobo.save(gobo.quantize(str(path), bits=args.bits), out)
             dense, packed = gobo.load(out), gobo.load(out, packed=True)
-            times = {}
-            embs = {}
-            for label, model in (("dense", dense), ("packed", packed)):
-                t = time.perf_counter()
-                embs[label] = encode(model, tok, texts, batch_size=32)
-                times[label] = time.perf_counter() - t
+            # the two take turns on chunks of texts, so that a machine that speeds up or slows
+            # down during the run does not favour one of them
+            times = {"dense": 0.0, "packed": 0.0}
+            parts: dict = {"dense": [], "packed": []}
+            for start in range(0, len(texts), args.chunk):
+                chunk = texts[start : start + args.chunk]
+                for label, model in (("dense", dense), ("packed", packed)):
+                    t = time.perf_counter()
+                    parts[label].append(encode(model, tok, chunk, batch_size=32))
+                    times[label] += time.perf_counter() - t
+            embs = {label: np.concatenate(v) for label, v in parts.items()}
             hidden_diff = 0.0
             with torch.inference_mode():
                 for b in range(args.hidden_batches):

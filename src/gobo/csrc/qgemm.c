@@ -33,7 +33,7 @@
 #define NR 16
 #define KC 256
 #define NC 128
-#define MC 96 /* a multiple of MR */
+#define MC 96 /* rows of x per L2 block, a multiple of MR */
 #define MAX_THREADS 64
 
 typedef struct {
@@ -51,9 +51,9 @@ typedef struct {
 #if QG_X86
 #define AVX2 __attribute__((target("avx2,fma")))
 
-/* C[6 x 16] (row stride ldc) = init or C, + A * B over kc steps: A packed 6 values per k
- * (rows of x interleaved), B a panel slice of 16 values per k */
-static inline __attribute__((always_inline)) AVX2 void kernel_6x16(int64_t kc, const float *A, const float *B,
+/* C[6 x 16] (row stride ldc) = init or C, + A * B over kc steps. A: six rows of x, row i at
+ * A + i * lda, one float per k; B: a panel slice, 16 floats per k */
+static inline __attribute__((always_inline)) AVX2 void kernel_6x16(int64_t kc, const float *A, int64_t lda, const float *B,
                                                                     float *C, int64_t ldc, const float *init, int accum) {
     __m256 c[MR][2];
     if (accum) {
@@ -66,16 +66,17 @@ static inline __attribute__((always_inline)) AVX2 void kernel_6x16(int64_t kc, c
         const __m256 z1 = init ? _mm256_loadu_ps(init + 8) : _mm256_setzero_ps();
         for (int i = 0; i < MR; ++i) { c[i][0] = z0; c[i][1] = z1; }
     }
+    const float *a0 = A, *a1 = A + lda, *a2 = A + 2 * lda, *a3 = A + 3 * lda, *a4 = A + 4 * lda, *a5 = A + 5 * lda;
 #pragma GCC unroll 4
-    for (int64_t k = 0; k < kc; ++k, A += MR, B += NR) {
+    for (int64_t k = 0; k < kc; ++k, B += NR) {
         const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
         __m256 a;
-        a = _mm256_broadcast_ss(A + 0); c[0][0] = _mm256_fmadd_ps(a, b0, c[0][0]); c[0][1] = _mm256_fmadd_ps(a, b1, c[0][1]);
-        a = _mm256_broadcast_ss(A + 1); c[1][0] = _mm256_fmadd_ps(a, b0, c[1][0]); c[1][1] = _mm256_fmadd_ps(a, b1, c[1][1]);
-        a = _mm256_broadcast_ss(A + 2); c[2][0] = _mm256_fmadd_ps(a, b0, c[2][0]); c[2][1] = _mm256_fmadd_ps(a, b1, c[2][1]);
-        a = _mm256_broadcast_ss(A + 3); c[3][0] = _mm256_fmadd_ps(a, b0, c[3][0]); c[3][1] = _mm256_fmadd_ps(a, b1, c[3][1]);
-        a = _mm256_broadcast_ss(A + 4); c[4][0] = _mm256_fmadd_ps(a, b0, c[4][0]); c[4][1] = _mm256_fmadd_ps(a, b1, c[4][1]);
-        a = _mm256_broadcast_ss(A + 5); c[5][0] = _mm256_fmadd_ps(a, b0, c[5][0]); c[5][1] = _mm256_fmadd_ps(a, b1, c[5][1]);
+        a = _mm256_broadcast_ss(a0 + k); c[0][0] = _mm256_fmadd_ps(a, b0, c[0][0]); c[0][1] = _mm256_fmadd_ps(a, b1, c[0][1]);
+        a = _mm256_broadcast_ss(a1 + k); c[1][0] = _mm256_fmadd_ps(a, b0, c[1][0]); c[1][1] = _mm256_fmadd_ps(a, b1, c[1][1]);
+        a = _mm256_broadcast_ss(a2 + k); c[2][0] = _mm256_fmadd_ps(a, b0, c[2][0]); c[2][1] = _mm256_fmadd_ps(a, b1, c[2][1]);
+        a = _mm256_broadcast_ss(a3 + k); c[3][0] = _mm256_fmadd_ps(a, b0, c[3][0]); c[3][1] = _mm256_fmadd_ps(a, b1, c[3][1]);
+        a = _mm256_broadcast_ss(a4 + k); c[4][0] = _mm256_fmadd_ps(a, b0, c[4][0]); c[4][1] = _mm256_fmadd_ps(a, b1, c[4][1]);
+        a = _mm256_broadcast_ss(a5 + k); c[5][0] = _mm256_fmadd_ps(a, b0, c[5][0]); c[5][1] = _mm256_fmadd_ps(a, b1, c[5][1]);
     }
     for (int i = 0; i < MR; ++i) {
         _mm256_storeu_ps(C + i * ldc, c[i][0]);
@@ -83,18 +84,11 @@ static inline __attribute__((always_inline)) AVX2 void kernel_6x16(int64_t kc, c
     }
 }
 
-/* A packed for the kernel: rows [0, mr) x columns [0, kc) of x (row stride ldx), six values
- * per k, rows past mr zero */
-static void pack_a(const float *x, int64_t ldx, int64_t mr, int64_t kc, float *ap) {
-    if (mr == MR) {
-        const float *r0 = x, *r1 = x + ldx, *r2 = x + 2 * ldx, *r3 = x + 3 * ldx, *r4 = x + 4 * ldx, *r5 = x + 5 * ldx;
-        for (int64_t k = 0; k < kc; ++k, ap += MR) {
-            ap[0] = r0[k]; ap[1] = r1[k]; ap[2] = r2[k]; ap[3] = r3[k]; ap[4] = r4[k]; ap[5] = r5[k];
-        }
-        return;
-    }
-    for (int64_t k = 0; k < kc; ++k, ap += MR)
-        for (int64_t i = 0; i < MR; ++i) ap[i] = i < mr ? x[i * ldx + k] : 0.0f;
+/* the last, ragged rows of x [0, mr) x [0, kc) (row stride ldx) copied into a zero-padded
+ * MR x kc block (row stride kc) */
+static void pad_a(const float *x, int64_t ldx, int64_t mr, int64_t kc, float *ap) {
+    memset(ap, 0, sizeof(float) * (size_t)(MR * kc));
+    for (int64_t i = 0; i < mr; ++i) memcpy(ap + i * kc, x + i * ldx, sizeof(float) * (size_t)kc);
 }
 
 /* panel (k x 16, contiguous) = transpose of rows (16 x K, stride K), columns [0, K) */
@@ -124,7 +118,7 @@ static AVX2 void transpose_16xk(const float *rows, int64_t K, float *panel) {
         for (int j = 0; j < NR; ++j) panel[k * NR + j] = rows[(int64_t)j * K + k];
 }
 
-/* per-thread scratch: panels (NC x K), 16 decoded rows (16 x K), a packed strip of A, an edge tile of C */
+/* per-thread scratch: panels (NC x K), 16 decoded rows (16 x K), a padded strip of A, an edge tile of C */
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 typedef struct { float *buf; int64_t cap; } qg_scratch;
@@ -152,9 +146,9 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
     const gobo_qmat *q = j->q;
     const int64_t K = q->cols, M = j->m;
     const int64_t kpad = (K + 7) / 8 * 8;
-    float *buf = scratch(NC * kpad + NR * kpad + MC * KC + MR * NR + 2 * NR);
+    float *buf = scratch(NC * kpad + NR * kpad + MR * KC + MR * NR + 2 * NR);
     if (!buf) return 2;
-    float *panels = buf, *rows = panels + NC * kpad, *apad = rows + NR * kpad, *ctmp = apad + MC * KC, *itmp = ctmp + MR * NR;
+    float *panels = buf, *rows = panels + NC * kpad, *apad = rows + NR * kpad, *ctmp = apad + MR * KC, *itmp = ctmp + MR * NR;
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += NC) {
         const int64_t nc = n_hi - n0 < NC ? n_hi - n0 : NC;
         const int64_t np = (nc + NR - 1) / NR;
@@ -167,15 +161,9 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int64_t kc = K - k0 < KC ? K - k0 : KC;
             const int accum = k0 > 0;
-            for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
-                /* MC rows of x, packed strip by strip (stays in L2) */
-                const int64_t mc = M - mc0 < MC ? M - mc0 : MC;
-                const int64_t ns = (mc + MR - 1) / MR;
-                for (int64_t st = 0; st < ns; ++st) {
-                    const int64_t m0 = mc0 + st * MR;
-                    pack_a(j->x + m0 * j->ldx + k0, j->ldx, M - m0 < MR ? M - m0 : MR, kc, apad + st * MR * kc);
-                }
-                for (int64_t p = 0; p < np; ++p) { /* one panel slice (stays in L1) against every strip */
+            for (int64_t mc0 = 0; mc0 < M; mc0 += MC) { /* MC rows of x stay in L2 ... */
+                const int64_t mend = M - mc0 < MC ? M : mc0 + MC;
+                for (int64_t p = 0; p < np; ++p) { /* ... while one panel slice stays in L1 */
                     const int64_t c0 = n0 + p * NR;
                     const int64_t ncol = n0 + nc - c0 < NR ? n0 + nc - c0 : NR;
                     const float *B = panels + p * kpad * NR + k0 * NR;
@@ -188,19 +176,25 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
                             init = itmp;
                         }
                     }
-                    for (int64_t st = 0; st < ns; ++st) {
-                        const int64_t m0 = mc0 + st * MR;
-                        const int64_t mr = M - m0 < MR ? M - m0 : MR;
-                        const float *A = apad + st * MR * kc;
+                    for (int64_t m0 = mc0; m0 < mend; m0 += MR) {
+                        const int64_t mr = mend - m0 < MR ? mend - m0 : MR;
                         float *C = j->y + m0 * j->ldy + c0;
                         if (mr == MR && ncol == NR) {
-                            kernel_6x16(kc, A, B, C, j->ldy, init, accum);
-                        } else { /* edge tile through a 6 x 16 buffer */
-                            if (accum)
-                                for (int64_t i = 0; i < mr; ++i) memcpy(ctmp + i * NR, C + i * j->ldy, sizeof(float) * (size_t)ncol);
-                            kernel_6x16(kc, A, B, ctmp, NR, init, accum);
-                            for (int64_t i = 0; i < mr; ++i) memcpy(C + i * j->ldy, ctmp + i * NR, sizeof(float) * (size_t)ncol);
+                            kernel_6x16(kc, j->x + m0 * j->ldx + k0, j->ldx, B, C, j->ldy, init, accum);
+                            continue;
                         }
+                        /* edge tile: ragged rows through a zero-padded copy, columns through a buffer */
+                        const float *A = j->x + m0 * j->ldx + k0;
+                        int64_t lda = j->ldx;
+                        if (mr < MR) {
+                            pad_a(A, j->ldx, mr, kc, apad);
+                            A = apad;
+                            lda = kc;
+                        }
+                        if (accum)
+                            for (int64_t i = 0; i < mr; ++i) memcpy(ctmp + i * NR, C + i * j->ldy, sizeof(float) * (size_t)ncol);
+                        kernel_6x16(kc, A, lda, B, ctmp, NR, init, accum);
+                        for (int64_t i = 0; i < mr; ++i) memcpy(C + i * j->ldy, ctmp + i * NR, sizeof(float) * (size_t)ncol);
                     }
                 }
             }
