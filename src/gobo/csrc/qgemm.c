@@ -5,7 +5,7 @@
  * holds W in float32: it decodes each block of 16 rows of codes (gobo_decode_rows, the same
  * bits as QuantizedTensor.dequantize()) and transposes it straight into its panel, so the
  * decoding takes the place of the packing copy. The inner kernel multiplies 6 rows of x by
- * one panel slice of 256 k's into 6 x 16 accumulators (12 AVX2 registers, fused
+ * one panel slice of 512 k's into 6 x 16 accumulators (12 AVX2 registers, fused
  * multiply-adds), the classic register blocking of BLIS/GotoBLAS.
  *
  * Every output is summed in the same order (bias, then k = 0, 1, ...) whatever the thread
@@ -31,9 +31,15 @@
 
 #define MR 6
 #define NR 16
-#define KC 256
+#ifndef KC
+#define KC 512
+#endif
+#ifndef NC
 #define NC 128
+#endif
+#ifndef MC
 #define MC 96 /* rows of x per L2 block, a multiple of MR */
+#endif
 #define MAX_THREADS 64
 
 typedef struct {
@@ -180,6 +186,13 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
                         const int64_t mr = mend - m0 < MR ? mend - m0 : MR;
                         float *C = j->y + m0 * j->ldy + c0;
                         if (mr == MR && ncol == NR) {
+                            if (m0 + 2 * MR <= mend) { /* the next tile of y: from L3 on large batches */
+                                const float *Cn = C + MR * j->ldy;
+                                for (int i = 0; i < MR; ++i) {
+                                    _mm_prefetch((const char *)(Cn + i * j->ldy), _MM_HINT_T0);
+                                    _mm_prefetch((const char *)(Cn + i * j->ldy + NR - 1), _MM_HINT_T0);
+                                }
+                            }
                             kernel_6x16(kc, j->x + m0 * j->ldx + k0, j->ldx, B, C, j->ldy, init, accum);
                             continue;
                         }
