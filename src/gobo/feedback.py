@@ -60,7 +60,7 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
     mods = dict(model.named_modules())
     sums: dict = {}
     count: dict = {}
-    cur = {}
+    cur: dict = {"last": None}
     hooks = []
     for w in weights:
         m = mods.get(w.rsplit(".", 1)[0])
@@ -71,19 +71,26 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
             x = inp[0]
             if x.dim() != 3:
                 return
-            x = x[cur["mask"]].to(torch.float64)
-            sums[w] = sums.get(w, 0) + x.T @ x
-            count[w] = count.get(w, 0) + x.shape[0]
+            # Linears called one after the other on the same tensor (query, key and value)
+            # share one product; the last input is held, so its memory cannot be reused
+            last = cur["last"]
+            if last is None or last[0] is not x:
+                xm = x[cur["mask"]].to(torch.float64)
+                last = cur["last"] = (x, xm.T @ xm, xm.shape[0])
+            sums[w] = sums.get(w, 0) + last[1]
+            count[w] = count.get(w, 0) + last[2]
 
         hooks.append(m.register_forward_hook(hook))
     try:
         with torch.inference_mode():
             for s in range(0, input_ids.shape[0], batch):
                 cur["mask"] = attention_mask[s : s + batch].bool()
+                cur["last"] = None
                 model(input_ids=input_ids[s : s + batch], attention_mask=attention_mask[s : s + batch])
     finally:
         for h in hooks:
             h.remove()
+        cur["last"] = None
     return {w: sums[w] / count[w] for w in sums}
 
 
