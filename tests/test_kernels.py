@@ -156,6 +156,25 @@ def test_fused_gemm_is_independent_of_threads_and_batch():
 
 
 @needs_gemm
+def test_fused_gemm_from_several_python_threads():
+    # ctypes releases the GIL: calls from other threads share the worker pool one at a time
+    from concurrent.futures import ThreadPoolExecutor
+
+    ps = [Packed.from_qtensor(make_qt(70 + 9 * i, 40, 3, seed=i, outlier_frac=0.01)) for i in range(4)]
+    xs = [torch.randn(11, 40) for _ in ps]
+    want = [linear(x, p) for x, p in zip(xs, ps)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda i: [linear(xs[i], ps[i]) for _ in range(20)], range(4)))
+    finally:
+        torch.set_num_threads(before)
+    for i, outs in enumerate(got):
+        assert all(torch.equal(o, want[i]) for o in outs), i
+
+
+@needs_gemm
 def test_fused_gemm_in_a_forked_child():
     # the worker threads do not survive fork(): the child must start its own
     import multiprocessing as mp

@@ -216,17 +216,8 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
     return 0;
 }
 
-static int have_avx2_fma(void) {
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    return cached;
-}
 #else
 static int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) { (void)j; (void)n_lo; (void)n_hi; return 3; }
-static int have_avx2_fma(void) { return 0; }
 #endif
 
 static void run_thread(qg_job *j, int t) {
@@ -301,13 +292,13 @@ static int grow_pool(int want) {
 /* ------------------------------------------------------------------------- entry points */
 
 /* 1 when gobo_qgemm runs on this CPU (x86-64 with AVX2 and FMA). */
-GOBO_API int gobo_qgemm_available(void) { return have_avx2_fma(); }
+GOBO_API int gobo_qgemm_available(void) { return gobo_kernels_simd(); }
 
 /* y (m x rows, row stride ldy) = x (m x cols, row stride ldx) W^T + bias, with W decoded from
  * q, on up to nthreads threads. Returns 0; 1 on bad arguments; 2 when out of memory; 3 when
  * this CPU lacks AVX2/FMA (the caller computes another way). */
 GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias, int32_t nthreads) {
-    if (!have_avx2_fma()) return 3;
+    if (!gobo_kernels_simd()) return 3;
     if (!q || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || q->rows < 0 || q->cols < 0) return 1;
     if (m == 0 || q->rows == 0) return 0;
     if (q->cols == 0) { /* an empty sum: the bias alone */

@@ -22,6 +22,9 @@ typedef struct {
     int32_t pad_;
 } gobo_qmat;
 
+/* kernels.c: 1 when this CPU has AVX2 and FMA (the SIMD decoders and the GEMM run) */
+GOBO_API int gobo_kernels_simd(void);
+
 /* kernels.c: decode rows [r0, r1) into dst (row stride ld); 0 on success */
 GOBO_API int gobo_decode_rows(const gobo_qmat *q, int64_t r0, int64_t r1, float *dst, int64_t ld, int32_t simd);
 #endif
