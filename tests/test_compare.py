@@ -116,3 +116,23 @@ def test_cli_bad_hessian_sample_is_one_line(tmp_path):
     proc = run_gobo("compare", "minilm-l6", "--rows", "qbert-2-3mp", "--hessian-texts", "0", "-o", tmp_path / "c", cwd=tmp_path)
     assert_user_error(proc, r"subset_size must be a positive integer")
     assert not (tmp_path / "c").exists()
+
+
+def test_qat_schedule_reaches_the_fine_tuned_rows(tmp_path):
+    from gobo.qat import QatSettings
+
+    tiny = QatSettings(texts=32, monitor_texts=8)  # one step of the real fine-tuning
+    rows = select_rows(default_rows(), ["qbert-8-qat"])
+    doc = run_compare("minilm-l6", tmp_path, rows, limit=40, train_limit=200, qat_settings=tiny)
+    stored = json.loads((tmp_path / "rows" / "qbert-8-qat.json").read_text())
+    assert stored["fingerprint"]["qat"]["texts"] == 32
+    row = next(r for r in doc["rows"] if r["key"] == "qbert-8-qat")
+    assert row["finetune"] and row["agreement"] > 0.8  # 8 bits and one small step stay close to FP32
+    # the same schedule reuses the row
+    assert run_compare("minilm-l6", tmp_path, rows, limit=40, train_limit=200, qat_settings=tiny) == doc
+
+
+def test_cli_bad_qat_texts_is_one_line(tmp_path):
+    proc = run_gobo("compare", "minilm-l6", "--rows", "qbert-8-qat", "--qat-texts", "0", "-o", tmp_path / "c", cwd=tmp_path)
+    assert_user_error(proc, r"--qat-texts: texts must be a positive integer")
+    assert not (tmp_path / "c").exists()

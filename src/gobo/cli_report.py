@@ -140,8 +140,17 @@ def _cmd_compare(args) -> int:
             hessian = SensitivitySettings(**given)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    qat_settings = None
+    if args.qat_texts is not None:
+        from .qat import QatSettings
+
+        try:
+            qat_settings = QatSettings(texts=args.qat_texts)
+        except ValueError as exc:
+            raise UserError(f"--qat-texts: {exc}") from None
     t0 = time.perf_counter()
-    doc = run_compare(args.model, out, rows, limit=args.limit, train_limit=args.train_limit, stage=stage, hessian=hessian)
+    doc = run_compare(args.model, out, rows, limit=args.limit, train_limit=args.train_limit, stage=stage, hessian=hessian,
+                      qat_settings=qat_settings)
     seconds = time.perf_counter() - t0
     if args.json:
         _print_json({**doc, "output": str(out), "markdown": str(out / COMPARE_MD), "plot": str(out / COMPARE_PNG), "seconds": seconds})
@@ -162,5 +171,6 @@ def register_compare(add) -> None:
     c.add_argument("--limit", type=int, help="evaluate on this many test texts, spread over the split (default: all)")
     c.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
     c.add_argument("--hessian-subsets", type=int, metavar="N", help="Q-BERT MP and GOBO Hessian rows: Hessian eigenvalues on N training subsets (default 4)")
+    c.add_argument("--qat-texts", type=int, metavar="N", help="+ QAT rows: fine-tune on N training texts, one epoch (default 3000; fewer for a large model on a CPU)")
     c.add_argument("--hessian-texts", type=int, metavar="N", help="Q-BERT MP and GOBO Hessian rows: N texts per subset (default 64; fewer for a large model on a CPU)")
     c.set_defaults(fn=_cmd_compare)

@@ -150,6 +150,7 @@ def run_compare(
     train_limit: int | None = None,
     stage: Stage | None = None,
     hessian=None,
+    qat_settings=None,
 ) -> dict:
     """Make and measure every row on ``model``; write and return the table document.
 
@@ -157,7 +158,9 @@ def run_compare(
     None: the full splits). Rows already measured in ``out`` with the same fingerprint are
     reused. ``hessian`` (a :class:`gobo.hessian.SensitivitySettings`) samples the Hessian of
     the Q-BERT MP rows and the GOBO Hessian row differently from the default (e.g. fewer texts
-    for a large model on a CPU); their fingerprint then records it.
+    for a large model on a CPU); their fingerprint then records it. ``qat_settings`` (a
+    :class:`gobo.qat.QatSettings`) replaces the fine-tuning schedule of the ``+ QAT`` rows, and
+    is recorded in their fingerprint likewise.
     """
     import numpy as np
 
@@ -192,6 +195,8 @@ def run_compare(
         config = row.config
         if hessian is not None and needs_plan(config):
             fp["hessian"] = asdict(hessian)
+        if qat_settings is not None and row.kind == "qat":
+            fp["qat"] = asdict(qat_settings)
         stored = out / "rows" / f"{row.key}.json"
         if stored.is_file():
             try:
@@ -216,7 +221,8 @@ def run_compare(
                 if row.kind == "qat":
                     from . import qat
 
-                    r = qat.finetune(src_dir, config, probe=bench.probe, progress=lambda step, loss: pb.update())
+                    sched = qat_settings if qat_settings is not None else qat.QatSettings()
+                    r = qat.finetune(src_dir, config, sched, probe=bench.probe, progress=lambda step, loss: pb.update())
                     secs = time.perf_counter() - t
                     qat.save(r, d, overwrite=True)
                     cm = r.compressed
