@@ -40,17 +40,12 @@ def main() -> int:
 
     import gobo
     from gobo import kernels
-    from gobo.assets import resolve_model
+    from _models import installed
     from gobo.evaluate import encode, prepare_benchmark
     from gobo.hf import load_source, weights_sha256
 
     rows = []
-    for name in args.models:
-        try:
-            path = resolve_model(name)
-        except FileNotFoundError as exc:
-            print(f"skipping {name}: {exc}", file=sys.stderr)
-            continue
+    for name, path in installed(args.models):
         tok = AutoTokenizer.from_pretrained(str(path))
         bench = prepare_benchmark(load_source(path), tok, source_sha=weights_sha256(path))
         texts = list(bench.test_texts)

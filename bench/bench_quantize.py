@@ -30,7 +30,7 @@ def main() -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from gobo.assets import resolve_model
+    from _models import installed
     from gobo.config import method_config
     from gobo.data import load_rotten_tomatoes
     from gobo.evaluate import encode
@@ -40,12 +40,7 @@ def main() -> int:
     _, test = load_rotten_tomatoes()
     texts = list(test.texts[: args.sentences])
     results = []
-    for name in args.models:
-        try:
-            path = resolve_model(name)
-        except FileNotFoundError as exc:
-            print(f"skipping {name}: {exc}", file=sys.stderr)
-            continue
+    for name, path in installed(args.models):
         model = load_source(path)
         tok = AutoTokenizer.from_pretrained(str(path))
         state = state_numpy(model)
