@@ -81,7 +81,7 @@ def main() -> int:
             "bits": args.bits,
             "texts": len(texts),
             "threads": torch.get_num_threads(),
-            "fused_kernel": kernels.gemm_available(),
+            "fused_kernel": kernels.simd_enabled(),
             "max_abs_diff_embedding": float(np.abs(embs["packed"] - embs["dense"]).max()),
             "max_abs_diff_hidden": hidden_diff,
             "identical_predictions": float(np.mean(pd == pp)),

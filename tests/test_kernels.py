@@ -114,7 +114,7 @@ def test_linear_one_tile_is_exact_against_the_same_gemm():
     assert torch.equal(y, ref)
 
 
-needs_gemm = pytest.mark.skipif(not kernels.gemm_available(), reason="the fused kernel needs x86-64 with AVX2 and FMA")
+needs_gemm = pytest.mark.skipif(not kernels.simd_enabled(), reason="the fused kernel needs x86-64 with AVX2 and FMA")
 
 
 @needs_gemm

@@ -171,6 +171,6 @@ def register_compare(add) -> None:
     c.add_argument("--limit", type=int, help="evaluate on this many test texts, spread over the split (default: all)")
     c.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
     c.add_argument("--hessian-subsets", type=int, metavar="N", help="Q-BERT MP and GOBO Hessian rows: Hessian eigenvalues on N training subsets (default 4)")
-    c.add_argument("--qat-texts", type=int, metavar="N", help="+ QAT rows: fine-tune on N training texts, one epoch (default 3000; fewer for a large model on a CPU)")
     c.add_argument("--hessian-texts", type=int, metavar="N", help="Q-BERT MP and GOBO Hessian rows: N texts per subset (default 64; fewer for a large model on a CPU)")
+    c.add_argument("--qat-texts", type=int, metavar="N", help="+ QAT rows: fine-tune on N training texts, one epoch (default 3000; fewer for a large model on a CPU)")
     c.set_defaults(fn=_cmd_compare)

@@ -43,7 +43,6 @@ __all__ = [
     "embedding",
     "embedding_reference",
     "fast_available",
-    "gemm_available",
     "linear",
     "linear_reference",
     "simd_enabled",
@@ -149,8 +148,6 @@ def _lib():
     so.gobo_decode_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
     so.gobo_decode_row_list.restype = ctypes.c_int
     so.gobo_decode_row_list.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
-    so.gobo_qgemm_available.restype = ctypes.c_int
-    so.gobo_qgemm_available.argtypes = []
     so.gobo_qgemm.restype = ctypes.c_int
     so.gobo_qgemm.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
@@ -167,8 +164,10 @@ def fast_available() -> bool:
     return True
 
 
+@lru_cache(maxsize=1)
 def simd_enabled() -> bool:
-    """True when this CPU runs the AVX2 decoder (else the portable C one)."""
+    """True when this CPU runs the AVX2 decoder and the fused GEMM (x86-64 with AVX2 and FMA;
+    else the portable C decoder and the tiled path)."""
     return fast_available() and bool(_lib().gobo_kernels_simd())
 
 
@@ -285,12 +284,6 @@ def linear_reference(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = Non
     return torch.nn.functional.linear(x, p.dequantize(), bias)
 
 
-@lru_cache(maxsize=1)
-def gemm_available() -> bool:
-    """True when the fused decode-and-multiply kernel (``gobo_qgemm``: x86-64, AVX2, FMA) runs here."""
-    return fast_available() and bool(_lib().gobo_qgemm_available())
-
-
 def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, tile_rows: int | None = None, q: QMat | None = None) -> torch.Tensor:
     """``y = x W^T + b`` with ``W`` decoded from ``p`` (x: (..., cols) float32).
 
@@ -315,7 +308,7 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, tile
     if q is None:
         q = _qmat(p)
     qref = ctypes.byref(q)
-    if tile_rows is None and gemm_available():
+    if tile_rows is None and simd_enabled():
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != n):
             bias = bias.to(torch.float32).contiguous().reshape(n)
         rc = _lib().gobo_qgemm(qref, x2.data_ptr(), m, k, y.data_ptr(), n, None if bias is None else bias.data_ptr(), torch.get_num_threads())

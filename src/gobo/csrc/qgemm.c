@@ -31,15 +31,9 @@
 
 #define MR 6
 #define NR 16
-#ifndef KC
 #define KC 512
-#endif
-#ifndef NC
 #define NC 128
-#endif
-#ifndef MC
 #define MC 96 /* rows of x per L2 block, a multiple of MR */
-#endif
 #define MAX_THREADS 64
 
 typedef struct {
@@ -152,7 +146,7 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
     const gobo_qmat *q = j->q;
     const int64_t K = q->cols, M = j->m;
     const int64_t kpad = (K + 7) / 8 * 8;
-    float *buf = scratch(NC * kpad + NR * kpad + MR * KC + MR * NR + 2 * NR);
+    float *buf = scratch(NC * kpad + NR * kpad + MR * KC + MR * NR + NR);
     if (!buf) return 2;
     float *panels = buf, *rows = panels + NC * kpad, *apad = rows + NR * kpad, *ctmp = apad + MR * KC, *itmp = ctmp + MR * NR;
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += NC) {
@@ -291,12 +285,10 @@ static int grow_pool(int want) {
 
 /* ------------------------------------------------------------------------- entry points */
 
-/* 1 when gobo_qgemm runs on this CPU (x86-64 with AVX2 and FMA). */
-GOBO_API int gobo_qgemm_available(void) { return gobo_kernels_simd(); }
-
 /* y (m x rows, row stride ldy) = x (m x cols, row stride ldx) W^T + bias, with W decoded from
  * q, on up to nthreads threads. Returns 0; 1 on bad arguments; 2 when out of memory; 3 when
- * this CPU lacks AVX2/FMA (the caller computes another way). */
+ * this CPU lacks AVX2/FMA, which gobo_kernels_simd() tells beforehand (the caller computes
+ * another way). */
 GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias, int32_t nthreads) {
     if (!gobo_kernels_simd()) return 3;
     if (!q || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || q->rows < 0 || q->cols < 0) return 1;
