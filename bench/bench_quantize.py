@@ -21,7 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"])
-    ap.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq"])
+    ap.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq", "gobo-rows-act"],
+                    help="method names, or gobo-rows-act: per-row codebooks and activation-weighted outliers "
+                         "(the timing includes the forward pass over the synthetic sentences it measures)")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2, help="best of N for each timing")
     ap.add_argument("--out", default="bench/results/quantize.json")
@@ -31,11 +33,17 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from _models import installed
-    from gobo.config import method_config
+    from gobo.config import GoboConfig, method_config
+    from gobo.feedback import input_energy
     from gobo.data import load_rotten_tomatoes
     from gobo.evaluate import encode
     from gobo.hf import load_source, quantizable_names, state_numpy
     from gobo.quantizer import quantize_state
+
+    def config_of(method: str):
+        if method == "gobo-rows-act":
+            return GoboConfig(bits=3, codebook="row", allocate="uniform", act_outliers=0.006)
+        return method_config(method, 3)
 
     _, test = load_rotten_tomatoes()
     texts = list(test.texts[: args.sentences])
@@ -52,11 +60,12 @@ def main() -> int:
             enc.append(time.perf_counter() - t)
         row = {"model": name, "threads": torch.get_num_threads(), "encode_seconds": min(enc), "sentences": len(texts)}
         for method in args.methods:
-            cfg = method_config(method, 3)
+            cfg = config_of(method)
             qs = []
             for _ in range(args.repeat):
                 t = time.perf_counter()
-                quantize_state(state, names, cfg)
+                energy = input_energy(model, tok, names, cfg.act_texts) if getattr(cfg, "act_outliers", 0) else None
+                quantize_state(state, names, cfg, input_energy=energy)
                 qs.append(time.perf_counter() - t)
             row[f"{method}_seconds"] = min(qs)
             row[f"{method}_ratio_to_encode"] = min(qs) / min(enc)

@@ -13,7 +13,9 @@ import gobo
 from gobo import feedback
 from gobo.config import GoboConfig, config_from_json, config_to_json
 from gobo.io import WEIGHTS_FILE
-from gobo.methods.gobo import Prepared, assign, assign_rows, cluster_rows, cluster_sorted, gaussian_outlier_mask
+from gobo.quantizer import quantize_state
+from gobo.methods.gobo import (Prepared, act_outlier_mask, assign, assign_rows, cluster_rows, cluster_rows_reference, cluster_sorted,
+                               gaussian_outlier_mask)
 
 LAYER = "encoder.layer.1.intermediate.dense.weight"
 
@@ -40,6 +42,21 @@ def test_cluster_rows_is_lloyd_on_every_row(minilm_state):
         assert (codes[r] == assign(w[r], c[r])).all()
     assert (c[0] == 0).all() and np.all(np.diff(c, axis=1) >= 0)
     assert set(c[1]) == set(w[1, :3].astype(np.float64))
+
+
+@pytest.mark.parametrize("shape,k", [((37, 384), 8), ((5, 1536), 4), ((9, 7), 8), ((3, 300), 2), ((4, 700), 256), ((1, 1), 1)])
+def test_compiled_row_clustering_gives_the_reference_bits(minilm_state, shape, k):
+    w = minilm_state[LAYER][: shape[0], : shape[1]].copy()
+    mask = gaussian_outlier_mask(w.reshape(-1), -4.0).reshape(w.shape)
+    if shape[0] > 2:
+        w[1] = w[1, 0]  # a constant row: every centroid the same value
+        mask[2, :] = True  # no inliers at all
+    c = cluster_rows(w, mask, k)
+    assert np.array_equal(c, cluster_rows_reference(w, mask, k))  # the same bits, not just close
+    codes = assign_rows(w, c)
+    mids = (c[:, 1:] + c[:, :-1]) * 0.5
+    ref = np.stack([np.searchsorted(mids[r], w[r].astype(np.float64), side="left") for r in range(w.shape[0])])
+    assert np.array_equal(codes, ref)
 
 
 def test_row_codebooks_cut_the_error_and_cost_their_bytes(minilm_state):
@@ -74,12 +91,59 @@ def test_feedback_lowers_the_output_error_and_keeps_the_layout(minilm_state, min
     assert output_error(fb) < 0.8 * output_error(qt)
 
 
+def test_diagonal_moments_are_the_diagonal_of_the_full_ones(minilm_fp32, tokenizer, snippets):
+    ids, mask = feedback.calibration_batch(tokenizer, snippets[:8], 8)
+    full = feedback.input_moments(minilm_fp32, ids, mask, [LAYER])[LAYER]
+    diag = feedback.input_moments(minilm_fp32, ids, mask, [LAYER], diagonal=True)[LAYER]
+    torch.testing.assert_close(diag, torch.diagonal(full), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("codebook", ["tensor", "row"])
+def test_act_outliers_keep_the_weights_whose_error_reaches_the_output_most(minilm_state, codebook):
+    w = minilm_state[LAYER]
+    cfg = GoboConfig(allocate="uniform", codebook=codebook, act_outliers=0.01)
+    energy = np.ones(w.shape[1])
+    energy[:7] = 1e4  # seven loud input features
+    energy[7] = 0.0  # and one that never fires
+    base = gaussian_outlier_mask(w.reshape(-1), -4.0).reshape(w.shape)
+    mask = act_outlier_mask(w, base, energy, cfg)
+    assert (mask & base).sum() == base.sum()
+    extra = mask & ~base
+    assert extra.sum() == round(0.01 * w.size)
+    assert not extra[:, 7].any()  # no output error to save there
+    assert extra[:, :7].sum() > 0.5 * extra.sum()  # a loud feature's errors are worth more
+    # exactly the largest weighted errors of the plain quantization went
+    plain = Prepared(w, GoboConfig(allocate="uniform", codebook=codebook)).build(3).dequantize()
+    score = np.where(base, -1.0, np.square((w - plain).astype(np.float64)) * energy)
+    assert score[extra].min() >= score[~mask].max()
+    err = [float(np.sum(np.square((q - w).astype(np.float64)) * energy))
+           for q in (plain, Prepared(w, cfg, energy).build(3).dequantize())]
+    assert err[1] < 0.5 * err[0]
+    with pytest.raises(ValueError, match="does not fit"):
+        act_outlier_mask(w, base, energy[:-1], cfg)
+
+
+def test_quantize_with_act_outliers_measures_synthetic_inputs():
+    cfg = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.005, act_texts=8)
+    one = gobo.quantize("minilm-l6", cfg, **SLICE)
+    plain = gobo.quantize("minilm-l6", GoboConfig(allocate="uniform", codebook="row"), **SLICE)
+    for name, q in one.quantized.items():
+        assert q.n_outliers - plain.quantized[name].n_outliers == round(0.005 * q.numel)
+    again = gobo.quantize("minilm-l6", cfg, **SLICE)
+    assert all(np.array_equal(q.outlier_index, again.quantized[n].outlier_index) for n, q in one.quantized.items())
+    with pytest.raises(ValueError, match="input energy"):
+        quantize_state({LAYER: np.ones((4, 4), np.float32)}, [LAYER], cfg)
+
+
 def test_config_fields_round_trip_and_refuse_bad_values():
-    cfg = GoboConfig(allocate="uniform", codebook="row", feedback="texts", feedback_texts=64, feedback_sha256="ab" * 32)
+    cfg = GoboConfig(allocate="uniform", codebook="row", feedback="texts", feedback_texts=64, feedback_sha256="ab" * 32,
+                     act_outliers=0.004, act_texts=16)
     assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg
     assert "codebook" not in config_to_json(GoboConfig())["data"]  # files without these fields keep their bytes
     for bad in [dict(codebook="row"), dict(codebook="col", allocate="uniform"), dict(feedback="real"),
-                dict(feedback="texts", normalize_rows=True), dict(feedback="texts", feedback_texts=0)]:
+                dict(feedback="texts", normalize_rows=True), dict(feedback="texts", feedback_texts=0),
+                dict(act_outliers=-0.1), dict(act_outliers=0.5), dict(act_outliers=True), dict(act_texts=0),
+                dict(act_outliers=0.01, normalize_rows=True)]:
         with pytest.raises(ValueError):
             GoboConfig(**bad)
 
@@ -115,13 +179,17 @@ def test_cli_feedback_flags(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)["config"]["data"]
     assert data["codebook"] == "row" and data["allocate"] == "uniform" and data["feedback"] == "texts"
     assert data["feedback_sha256"] == feedback.texts_sha256(["A fine film.", "A dull, overlong one."])
+    assert main([*args[:3], str(tmp_path / "a"), "--act-outliers", "0.01", *args[10:]]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["data"]["act_outliers"] == 0.01
     (tmp_path / "empty.txt").write_text("\n \n")
     for extra, msg in [(["--calibration-texts", str(texts)], "need --feedback"),
                        (["--feedback", "synthetic", "--calibration-texts", str(texts)], "needs --feedback texts"),
                        (["--feedback", "texts", "--calibration-texts", str(tmp_path / "empty.txt")], "holds no text"),
                        (["--feedback", "texts", "--calibration-texts", str(tmp_path / "nope.txt")], "cannot read"),
                        (["--codebook", "row", "--method", "directq"], "apply to --method gobo"),
-                       (["--codebook", "row", "--allocate", "size"], "codebook='row' needs allocate='uniform'")]:
+                       (["--codebook", "row", "--allocate", "size"], "codebook='row' needs allocate='uniform'"),
+                       (["--act-outliers", "0.01", "--method", "qbert"], "apply to --method gobo"),
+                       (["--act-outliers", "0.7"], "act_outliers must be a fraction")]:
         assert main(["quantize", "minilm-l6", "-o", str(tmp_path / "x"), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("gobo: error: ") and msg in err and err.count("\n") == 1

@@ -66,14 +66,18 @@ def quantize(
     cb = None if progress is None else (lambda name: progress(name, total))
     calibrated = isinstance(config, GoboConfig) and (config.allocate == "sensitivity" or config.correct_bias)
     fed_back = isinstance(config, GoboConfig) and bool(config.feedback)
-    if calibrated or fed_back:  # model passes over sentences: synthetic ones come from the model's own tokenizer
+    act = isinstance(config, GoboConfig) and config.act_outliers > 0
+    if fed_back and config.feedback == "texts":
+        calibration_texts, config = _calibration_texts(config, calibration_texts)
+    if calibrated or fed_back or act:  # model passes over sentences: synthetic ones come from the model's own tokenizer
         from transformers import AutoTokenizer
 
         from .calibrate import OutputSensitivity, match_output_means
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
-    cm = quantize_state(state, names, config, progress=cb, sensitivity=sens)
+    energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
+    cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy)
     if fed_back:
         cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts)
     if calibrated and config.correct_bias:
@@ -88,22 +92,36 @@ def quantize(
     return cm
 
 
-def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts) -> CompressedModel:
+def _calibration_texts(config: GoboConfig, texts) -> tuple[list[str], GoboConfig]:
+    """feedback="texts": the calibration texts (None: the benchmark's training split, evenly
+    spread) and the config with their hash."""
     import dataclasses
 
     from . import feedback
+
+    if texts is None:
+        from .data import load_rotten_tomatoes
+
+        texts = load_rotten_tomatoes()[0].stride(config.feedback_texts).texts
+    texts = [t for t in texts if isinstance(t, str) and t.strip()][: config.feedback_texts]
+    if not texts:
+        raise ValueError("feedback='texts' needs at least one non-empty calibration text")
+    return texts, dataclasses.replace(config, feedback_sha256=feedback.texts_sha256(texts))
+
+
+def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -> dict[str, np.ndarray]:
+    """act_outliers: the mean square of every Linear input feature, over ``config.act_texts``
+    synthetic sentences (the calibration texts with feedback="texts")."""
+    from .feedback import input_energy
+
+    return input_energy(src, tokenizer, names, config.act_texts, texts if config.feedback == "texts" else None)
+
+
+def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts) -> CompressedModel:
+    from . import feedback
     from .quantizer import TensorStats
 
-    if config.feedback == "texts":
-        if texts is None:
-            from .data import load_rotten_tomatoes
-
-            texts = load_rotten_tomatoes()[0].stride(config.feedback_texts).texts
-        texts = [t for t in texts if isinstance(t, str) and t.strip()][: config.feedback_texts]
-        if not texts:
-            raise ValueError("feedback='texts' needs at least one non-empty calibration text")
-        config = dataclasses.replace(config, feedback_sha256=feedback.texts_sha256(texts))
-    else:
+    if config.feedback != "texts":
         texts = None
     for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts).items():
         cm.quantized[name] = qt

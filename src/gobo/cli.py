@@ -151,8 +151,9 @@ def _cmd_quantize(args) -> int:
         raise UserError("--allocate applies to --method gobo only")
     if args.avg_bits is not None and args.size_mb is not None:
         raise UserError("give either --avg-bits or --size-mb, not both")
-    if (args.codebook or args.feedback or args.calibration_texts or args.feedback_texts) and args.method not in ("gobo", "gobo-paper"):
-        raise UserError("--codebook, --feedback, --calibration-texts and --feedback-texts apply to --method gobo or gobo-paper only")
+    if (args.codebook or args.feedback or args.calibration_texts or args.feedback_texts or args.act_outliers is not None) \
+            and args.method not in ("gobo", "gobo-paper"):
+        raise UserError("--codebook, --feedback, --calibration-texts, --feedback-texts and --act-outliers apply to --method gobo or gobo-paper only")
     if (args.calibration_texts or args.feedback_texts) and not args.feedback:
         raise UserError("--calibration-texts and --feedback-texts need --feedback")
     if args.calibration_texts and args.feedback != "texts":
@@ -179,6 +180,8 @@ def _cmd_quantize(args) -> int:
             extra["feedback"] = args.feedback
         if args.feedback_texts:
             extra["feedback_texts"] = args.feedback_texts
+        if args.act_outliers is not None:
+            extra["act_outliers"] = args.act_outliers
         config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -398,6 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--allocate", choices=["size", "sensitivity", "hessian", "uniform"], help="gobo only: how the mixed precision spends its bits: size (default: errors weighed by tensor size), sensitivity (data-free output gain), hessian (times each layer's Q-BERT Hessian sensitivity, measured on the training split first), uniform (every tensor at --bits)")
     q.add_argument("--codebook", choices=["tensor", "row"], help="gobo: one codebook per tensor (default) or per row (every tensor at --bits)")
     q.add_argument("--feedback", choices=["synthetic", "texts"], help="gobo: choose the codes of every Linear by error feedback on calibration inputs: synthetic sentences (data-free) or texts (--calibration-texts, default the benchmark's training split)")
+    q.add_argument("--act-outliers", type=float, metavar="FRACTION", help="gobo: also keep exact this fraction of every Linear's weights (e.g. 0.006): those whose error weighs most once multiplied by its input's mean square on 64 synthetic sentences (data-free)")
     q.add_argument("--calibration-texts", metavar="FILE", help="with --feedback texts: one calibration text per line")
     q.add_argument("--feedback-texts", type=int, metavar="N", help="with --feedback: calibration sentences to use (default 256)")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")

@@ -54,10 +54,14 @@ class GoboConfig:
     feedback: str = ""  # "": codes by nearest centroid; "synthetic" or "texts": error feedback (gobo.feedback)
     feedback_texts: int = 256  # calibration sentences for the error feedback
     feedback_sha256: str = ""  # feedback="texts": hash of the calibration texts used (gobo.quantize records it)
+    act_outliers: float = 0.0  # extra fraction of each Linear's weights kept exact: the largest errors
+    # times their input's mean square on the calibration sentences (gobo.quantize measures it)
+    act_texts: int = 64  # act_outliers: sentences measured (synthetic; the calibration texts with feedback="texts")
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
-                                                     "feedback": "", "feedback_texts": 256, "feedback_sha256": ""}
+                                                     "feedback": "", "feedback_texts": 256, "feedback_sha256": "",
+                                                     "act_outliers": 0.0, "act_texts": 64}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -86,6 +90,12 @@ class GoboConfig:
             raise ValueError("feedback does not combine with normalize_rows")
         if isinstance(self.feedback_texts, bool) or not isinstance(self.feedback_texts, int) or self.feedback_texts < 1:
             raise ValueError(f"feedback_texts must be a positive integer, got {self.feedback_texts!r}")
+        if isinstance(self.act_outliers, bool) or not isinstance(self.act_outliers, (int, float)) or not 0 <= self.act_outliers < 0.5:
+            raise ValueError(f"act_outliers must be a fraction from 0 to 0.5, got {self.act_outliers!r}")
+        if isinstance(self.act_texts, bool) or not isinstance(self.act_texts, int) or self.act_texts < 1:
+            raise ValueError(f"act_texts must be a positive integer, got {self.act_texts!r}")
+        if self.act_outliers and self.normalize_rows:
+            raise ValueError("act_outliers does not combine with normalize_rows")
         if self.layer_omega and self.allocate != "hessian":
             raise ValueError(f"layer_omega only applies with allocate='hessian', not {self.allocate!r}")
         if self.average:

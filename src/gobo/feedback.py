@@ -25,7 +25,7 @@ import numpy as np
 
 from .qtensor import QuantizedTensor
 
-__all__ = ["DAMP", "apply", "calibration_batch", "error_feedback", "input_moments", "requantize", "texts_sha256"]
+__all__ = ["DAMP", "apply", "calibration_batch", "error_feedback", "input_energy", "input_moments", "requantize", "texts_sha256"]
 
 #: diagonal damping, as a fraction of the mean diagonal of H
 DAMP = 0.01
@@ -52,9 +52,10 @@ def calibration_batch(tokenizer, texts: Sequence[str] | None, n: int, max_len: i
     return b["input_ids"], b["attention_mask"]
 
 
-def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = 32) -> dict:
+def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = 32, diagonal: bool = False) -> dict:
     """``E[x x^T]`` (float64 torch tensors) of the input of every nn.Linear whose weight is
-    named in ``weights``, over the real tokens of the batch."""
+    named in ``weights``, over the real tokens of the batch; with ``diagonal`` only its
+    diagonal ``E[x_j^2]``, one value per input feature (much cheaper)."""
     import torch
 
     mods = dict(model.named_modules())
@@ -76,7 +77,8 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
             last = cur["last"]
             if last is None or last[0] is not x:
                 xm = x[cur["mask"]].to(torch.float64)
-                last = cur["last"] = (x, xm.T @ xm, xm.shape[0])
+                prod = (xm * xm).sum(0) if diagonal else xm.T @ xm
+                last = cur["last"] = (x, prod, xm.shape[0])
             sums[w] = sums.get(w, 0) + last[1]
             count[w] = count.get(w, 0) + last[2]
 
@@ -92,6 +94,14 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
             h.remove()
         cur["last"] = None
     return {w: sums[w] / count[w] for w in sums}
+
+
+def input_energy(model, tokenizer, weights: Sequence[str], n: int, texts: Sequence[str] | None = None) -> dict:
+    """``E[x_j^2]`` (float64 numpy, one value per input feature) of the input of every
+    nn.Linear named in ``weights``, on ``n`` synthetic sentences (``texts`` None) or the
+    first ``n`` of ``texts``: what ``GoboConfig.act_outliers`` weighs errors by."""
+    ids, mask = calibration_batch(tokenizer, texts, n)
+    return {w: m.numpy() for w, m in input_moments(model, ids, mask, weights, diagonal=True).items()}
 
 
 def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int = BLOCK):

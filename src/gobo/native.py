@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["available", "kmeans1d_exact", "lib", "pack_codes", "unpack_codes"]
+__all__ = ["assign_rows", "available", "cluster_rows", "kmeans1d_exact", "lib", "pack_codes", "unpack_codes"]
 
 
 @lru_cache(maxsize=1)
@@ -27,6 +27,11 @@ def lib() -> ctypes.CDLL:
         g = getattr(so, name)
         g.restype = None
         g.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p]
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    so.gobo_cluster_rows.restype = ctypes.c_int
+    so.gobo_cluster_rows.argtypes = [ptr, ptr, i64, i64, i32, i32, ptr]
+    so.gobo_assign_rows.restype = None
+    so.gobo_assign_rows.argtypes = [ptr, ptr, i64, i64, i32, ptr]
     return so
 
 
@@ -63,3 +68,29 @@ def kmeans1d_exact(x_sorted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     if rc != 0:
         raise ValueError(f"exact clustering rejected its arguments (n={n}, k={k})")
     return cent, bounds
+
+
+def cluster_rows(x: np.ndarray, n: np.ndarray, k: int, max_iter: int) -> np.ndarray:
+    """Native core of :func:`gobo.methods.gobo.cluster_rows`: ``x`` float32 rows whose first
+    ``n[r]`` values are row r's inliers, ascending. Returns ``(rows, k)`` float64 centroids."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = np.ascontiguousarray(n, dtype=np.int64)
+    rows, cols = x.shape
+    if not (1 <= k <= 256 and n.shape == (rows,) and ((n >= 0) & (n <= cols)).all()):
+        raise ValueError(f"per-row clustering rejected its arguments (k={k}, shape={x.shape})")
+    c = np.empty((rows, k), dtype=np.float64)
+    if lib().gobo_cluster_rows(x.ctypes.data, n.ctypes.data, rows, cols, k, max_iter, c.ctypes.data) != 0:
+        raise MemoryError("out of memory in per-row clustering")
+    return c
+
+
+def assign_rows(z: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Native core of :func:`gobo.methods.gobo.assign_rows` (``z`` float32, ``c`` float64,
+    both C-contiguous, ``c`` ascending per row)."""
+    rows, cols = z.shape
+    k = c.shape[1]
+    if c.shape[0] != rows or not 1 <= k <= 256:
+        raise ValueError(f"row assignment rejected its arguments (codebooks {c.shape} for {z.shape})")
+    out = np.empty((rows, cols), dtype=np.uint8)
+    lib().gobo_assign_rows(z.ctypes.data, c.ctypes.data, rows, cols, k, out.ctypes.data)
+    return out

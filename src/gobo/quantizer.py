@@ -186,6 +186,7 @@ def quantize_state(
     config: GoboConfig | DirectQConfig,
     progress: Callable[[str], None] | None = None,
     sensitivity: Callable[[str, np.ndarray], float] | None = None,
+    input_energy: Mapping[str, np.ndarray] | None = None,
 ) -> CompressedModel:
     """Quantize ``state[name]`` for each of ``names``; every other tensor is kept as it is.
 
@@ -195,6 +196,9 @@ def quantize_state(
     ``name`` is replaced by ``w``; it is called once per tensor with its ``bits`` version.
     ``allocate="hessian"`` reads the per-layer Omega from ``config.layer_omega`` (see
     :func:`layer_gains`; ValueError when it is empty).
+    ``input_energy[name]`` (needed by ``act_outliers``): the mean square of each input
+    feature of the Linear whose weight is ``name``; tensors without one (embeddings) keep
+    only their Gaussian outliers.
     """
     names = list(names)
     missing = [n for n in names if n not in state]
@@ -220,7 +224,10 @@ def quantize_state(
     with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL
         if isinstance(config, GoboConfig):
             gains = layer_gains(state.keys(), names, config.layer_omega) if config.allocate == "hessian" else None
-            preps = dict(zip(names, pool.map(lambda n: gobo_method.Prepared(arrays[n], config), names)))
+            if config.act_outliers and input_energy is None:
+                raise ValueError("act_outliers needs the input energy of every Linear; use gobo.quantize")
+            energy = input_energy if config.act_outliers else {}
+            preps = dict(zip(names, pool.map(lambda n: gobo_method.Prepared(arrays[n], config, energy.get(n)), names)))
             if config.allocate == "sensitivity" and sensitivity is None:
                 raise ValueError("allocate='sensitivity' needs the model to measure output sensitivity; use gobo.quantize")
             if config.allocate in ("size", "sensitivity", "hessian"):

@@ -141,3 +141,96 @@ GOBO_API void gobo_unpack_codes(const uint8_t *packed, int64_t n, int32_t bits, 
 /* A Python module with no methods, so the shared object is an importable extension. */
 static struct PyModuleDef gobo_native_module = {PyModuleDef_HEAD_INIT, "_native", "gobo native routines (ctypes)", -1, NULL};
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&gobo_native_module); }
+
+/* ------------------------------------------------------------------ one codebook per row
+ *
+ * cluster_rows: per row, the inliers x[r, 0:n[r]] (sorted ascending; what follows them is
+ * ignored) go to k centroids: equal-population bins, then Lloyd (assign to the nearest,
+ * move to the mean) until the centroids stop changing or max_iter rounds. Cluster sums
+ * come from the row's prefix sums and its boundaries from binary searches, so a round
+ * costs O(k log cols) per row. A row with no inliers gets k zeros; an empty cluster
+ * keeps its previous centroid. c: rows x k, ascending per row. Returns 0, or 2 when out
+ * of memory. */
+
+static int64_t count_below(const float *x, int64_t n, double v) {
+    /* number of x[0:n] (ascending) strictly below v */
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t m = lo + (hi - lo) / 2;
+        if ((double)x[m] < v) lo = m + 1; else hi = m;
+    }
+    return lo;
+}
+
+static void sort_small(double *c, int32_t k) {
+    for (int32_t i = 1; i < k; ++i) {
+        double v = c[i];
+        int32_t j = i - 1;
+        while (j >= 0 && c[j] > v) { c[j + 1] = c[j]; --j; }
+        c[j + 1] = v;
+    }
+}
+
+GOBO_API int gobo_cluster_rows(const float *x, const int64_t *n, int64_t rows, int64_t cols,
+                               int32_t k, int32_t max_iter, double *c) {
+    double *p = (double *)malloc(sizeof(double) * (size_t)(cols + 1));
+    double *nc = (double *)malloc(sizeof(double) * (size_t)k);
+    int64_t *b = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k + 1));
+    if (!p || !nc || !b) { free(p); free(nc); free(b); return 2; }
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * cols;
+        const int64_t nr = n[r];
+        double *cr = c + r * k;
+        p[0] = 0.0;
+        for (int64_t i = 0; i < nr; ++i) p[i + 1] = p[i] + (double)xr[i];
+        const double last = nr > 0 ? (double)xr[nr - 1] : 0.0;
+        for (int32_t j = 0; j < k; ++j) {
+            int64_t b0 = (int64_t)j * nr / k, b1 = (int64_t)(j + 1) * nr / k;
+            cr[j] = b1 > b0 ? (p[b1] - p[b0]) / (double)(b1 - b0) : last;
+        }
+        sort_small(cr, k);
+        for (int32_t it = 0; it < max_iter; ++it) {
+            b[0] = 0;
+            b[k] = nr;
+            for (int32_t j = 1; j < k; ++j) b[j] = count_below(xr, nr, (cr[j - 1] + cr[j]) * 0.5);
+            for (int32_t j = 0; j < k; ++j)
+                nc[j] = b[j + 1] > b[j] ? (p[b[j + 1]] - p[b[j]]) / (double)(b[j + 1] - b[j]) : cr[j];
+            sort_small(nc, k);
+            if (memcmp(nc, cr, sizeof(double) * (size_t)k) == 0) break;
+            memcpy(cr, nc, sizeof(double) * (size_t)k);
+        }
+    }
+    free(p); free(nc); free(b);
+    return 0;
+}
+
+/* assign_rows: codes[r, i] = the number of midpoints (c[r, j] + c[r, j + 1]) / 2 strictly
+ * below z[r, i], i.e. the nearest of row r's ascending centroids, ties to the lower one. */
+GOBO_API void gobo_assign_rows(const float *z, const double *c, int64_t rows, int64_t cols,
+                               int32_t k, uint8_t *codes) {
+    double mids[256];
+    for (int64_t r = 0; r < rows; ++r) {
+        const double *cr = c + r * k;
+        for (int32_t j = 0; j + 1 < k; ++j) mids[j] = (cr[j] + cr[j + 1]) * 0.5;
+        const float *zr = z + r * cols;
+        uint8_t *o = codes + r * cols;
+        if (k <= 16) {
+            for (int64_t i = 0; i < cols; ++i) {
+                const double v = (double)zr[i];
+                int32_t q = 0;
+                for (int32_t j = 0; j + 1 < k; ++j) q += mids[j] < v;
+                o[i] = (uint8_t)q;
+            }
+        } else {
+            for (int64_t i = 0; i < cols; ++i) {
+                const double v = (double)zr[i];
+                int32_t lo = 0, hi = k - 1;
+                while (lo < hi) {
+                    int32_t m = (lo + hi) / 2;
+                    if (mids[m] < v) lo = m + 1; else hi = m;
+                }
+                o[i] = (uint8_t)lo;
+            }
+        }
+    }
+}

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from .. import native
+
 __all__ = [
     "assign",
     "equal_population_init",
@@ -182,7 +184,7 @@ class Prepared:
     """One tensor made ready for GOBO at any bit width: outliers found, rows normalised,
     inliers sorted once. ``centroids(b)`` and ``distortion(b)`` are cheap after that."""
 
-    def __init__(self, weight: np.ndarray, config) -> None:
+    def __init__(self, weight: np.ndarray, config, input_energy: np.ndarray | None = None) -> None:
         w32 = np.ascontiguousarray(weight, dtype=np.float32)
         if w32.ndim < 1 or w32.size == 0:
             raise ValueError("cannot quantize an empty tensor")
@@ -195,6 +197,8 @@ class Prepared:
         mask = gaussian_outlier_mask(w2.reshape(-1), config.outlier_threshold).reshape(w2.shape)
         if mask.all():  # degenerate: keep something to cluster
             mask[:] = False
+        if input_energy is not None and config.act_outliers > 0:
+            mask = act_outlier_mask(w2, mask, input_energy, config)
         self.mask = mask
         self.row_scale = self.row_offset = None
         if config.normalize_rows:
@@ -218,10 +222,17 @@ class Prepared:
         else:
             self.z = w2
             self.energy = float(np.sum(np.square(w2), dtype=np.float64))
-        self.x = np.sort(self.z[~mask])
-        self.p = _prefix(self.x)
+        self.x: np.ndarray | None = None  # the sorted inliers, made on first use
+        self.p: np.ndarray | None = None  # their prefix sums
         self._q: np.ndarray | None = None  # prefix sums of x^2, made on first use
         self._c: dict[int, np.ndarray] = {}
+
+    def sorted_inliers(self) -> np.ndarray:
+        """The inliers of the clustered domain, ascending (made on first use)."""
+        if self.x is None:
+            self.x = np.sort(self.z[~self.mask])
+            self.p = _prefix(self.x)
+        return self.x
 
     @property
     def n_outliers(self) -> int:
@@ -237,19 +248,20 @@ class Prepared:
     def centroids(self, bits: int) -> np.ndarray:
         """float32 codebook of ``2**bits`` ascending centroids (cached)."""
         if bits not in self._c:
-            c = cluster_sorted(self.x, 1 << bits, self.config.clustering, self.config.max_iter)
+            c = cluster_sorted(self.sorted_inliers(), 1 << bits, self.config.clustering, self.config.max_iter)
             self._c[bits] = c.astype(np.float32)
         return self._c[bits]
 
     def distortion(self, bits: int) -> float:
         """Relative squared error at ``bits``: the inliers' error over the tensor's energy
         in the clustered domain (exact without row normalisation, close with it)."""
-        if self.x.size == 0:
+        x = self.sorted_inliers()
+        if x.size == 0:
             return 0.0
         c = self.centroids(bits).astype(np.float64)
         if self._q is None:
-            self._q = _prefix(self.x * self.x)
-        return l2_error(self.x, c, self.p, self._q) / max(self.energy, 1e-300)
+            self._q = _prefix(x * x)
+        return l2_error(x, c, self.p, self._q) / max(self.energy, 1e-300)
 
     def release_sorted(self) -> None:
         """Drop the sorted copy (memory) once every centroid set needed is computed."""
@@ -284,6 +296,35 @@ class Prepared:
         )
 
 
+def act_outlier_mask(w2: np.ndarray, mask: np.ndarray, energy: np.ndarray, config) -> np.ndarray:
+    """``mask`` plus the ``config.act_outliers`` fraction of ``w2``'s weights (rows x cols)
+    whose error, quantized at ``config.bits`` with ``mask`` as outliers, weighs most once
+    multiplied by its input's mean square ``energy[col]``: the weights whose error reaches
+    the layer's output most. Ties go to the earlier position."""
+    energy = np.asarray(energy, dtype=np.float64).reshape(-1)
+    if w2.ndim != 2 or energy.shape != (w2.shape[1],):
+        raise ValueError(f"input energy of {energy.size} features does not fit a weight of shape {w2.shape}")
+    k = 1 << config.bits
+    if config.codebook == "row":
+        c = cluster_rows(w2, mask, k, config.max_iter)
+        deq = np.take_along_axis(c.astype(np.float32), assign_rows(w2, c).astype(np.intp), 1)
+    else:
+        c = cluster_sorted(np.sort(w2[~mask]), k, config.clustering, config.max_iter).astype(np.float32)
+        deq = c[assign(w2, c)]
+    score = (np.square((w2 - deq).astype(np.float64)) * energy[None, :]).reshape(-1)
+    score[mask.reshape(-1)] = -1.0
+    extra = min(int(round(config.act_outliers * w2.size)), int((~mask).sum()) - 1)
+    out = mask.copy()
+    if extra > 0:
+        kth = score.size - extra
+        thr = np.partition(score, kth)[kth]  # the extra-th largest score
+        take = score > thr
+        ties = np.flatnonzero(score == thr)[: extra - int(take.sum())]
+        take[ties] = True
+        out.reshape(-1)[take] = True
+    return out
+
+
 def fit(weight: np.ndarray, bits: int, config) -> "QuantizedTensor":
     """Quantize one weight tensor with GOBO at ``bits`` (``config``: a GoboConfig).
 
@@ -297,60 +338,74 @@ def fit(weight: np.ndarray, bits: int, config) -> "QuantizedTensor":
 # ---------------------------------------------------------------------------- one codebook per row
 
 
-def _row_offsets(rows: int, span: float) -> np.ndarray:
-    return (np.arange(rows, dtype=np.float64) * span)[:, None]
-
-
 def cluster_rows(z: np.ndarray, mask: np.ndarray, k: int, max_iter: int = 200) -> np.ndarray:
     """One codebook per row: ``(rows, k)`` ascending float64 centroids of each row's inliers
     (``~mask``), from equal-population bins refined by Lloyd to a fixed point.
 
-    Vectorised over rows: every row is sorted once (outliers moved past its end), the rows are
-    laid end to end with offsets that keep the whole sequence sorted, and one
-    ``searchsorted`` finds every row's cluster boundaries at once; cluster sums come from
-    per-row prefix sums. A row with fewer than ``k`` inliers repeats its last value.
+    Every row is sorted once (outliers moved past its end); a Lloyd round then costs one
+    binary search per cluster boundary and per-row prefix sums give the cluster means
+    (compiled; :func:`cluster_rows_reference` is the same algorithm in numpy, one row at a
+    time, and gives the same bits). A row with fewer than ``k`` inliers repeats its last
+    value; a row with none gets zeros.
     """
-    z = np.asarray(z, dtype=np.float64)
-    rows, cols = z.shape
+    x, n = _sorted_inliers(z, mask)
+    if native.available():
+        return native.cluster_rows(x, n, k, max_iter)
+    return _cluster_rows_numpy(x, n, k, max_iter)
+
+
+def cluster_rows_reference(z: np.ndarray, mask: np.ndarray, k: int, max_iter: int = 200) -> np.ndarray:
+    """:func:`cluster_rows` without the compiled routine (for tests and machines without it)."""
+    x, n = _sorted_inliers(z, mask)
+    return _cluster_rows_numpy(x, n, k, max_iter)
+
+
+def _sorted_inliers(z: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 2 or mask.shape != z.shape:
+        raise ValueError(f"need a 2-D tensor and a mask of its shape, got {z.shape} and {mask.shape}")
     n = (~mask).sum(axis=1).astype(np.int64)
-    inl = np.abs(z[~mask])
-    lim = float(inl.max()) + 1.0 if inl.size else 1.0
-    x = np.where(mask, lim, z)
-    x.sort(axis=1)  # inliers first, ascending; outlier placeholders (lim) after them
-    p = np.zeros((rows, cols + 1))
-    np.cumsum(x, axis=1, out=p[:, 1:])
-    span = 4.0 * lim
-    off = _row_offsets(rows, span)
-    flat = (x + off).ravel()
-    base = np.arange(rows, dtype=np.int64)[:, None] * cols
-    last = x[np.arange(rows), np.maximum(n - 1, 0)][:, None]
-    last = np.where(n[:, None] > 0, last, 0.0)
+    x = np.where(mask, np.float32(np.inf), z)
+    x.sort(axis=1)  # inliers first, ascending; outlier placeholders (inf) after them
+    return x, n
 
-    def means(b: np.ndarray, old: np.ndarray) -> np.ndarray:
-        s = np.take_along_axis(p, b[:, 1:], 1) - np.take_along_axis(p, b[:, :-1], 1)
-        cnt = b[:, 1:] - b[:, :-1]
-        return np.where(cnt > 0, s / np.maximum(cnt, 1), old)
 
-    b = (np.arange(k + 1, dtype=np.int64)[None, :] * n[:, None]) // k
-    c = np.sort(means(b, np.broadcast_to(last, (rows, k))), axis=1)
-    for _ in range(max_iter):
-        mids = (c[:, 1:] + c[:, :-1]) * 0.5
-        pos = np.searchsorted(flat, (mids + off).ravel(), side="left").reshape(rows, k - 1) - base
-        b = np.concatenate([np.zeros((rows, 1), np.int64), np.minimum(np.maximum(pos, 0), n[:, None]), n[:, None]], axis=1)
-        nc = np.sort(means(b, c), axis=1)
-        if np.array_equal(nc, c):
-            break
-        c = nc
-    return c
+def _cluster_rows_numpy(x: np.ndarray, n: np.ndarray, k: int, max_iter: int) -> np.ndarray:
+    rows = x.shape[0]
+    out = np.zeros((rows, k))
+    for r in range(rows):
+        nr = int(n[r])
+        xr = x[r, :nr].astype(np.float64)
+        p = np.zeros(nr + 1)
+        np.cumsum(xr, out=p[1:])
+        last = xr[-1] if nr else 0.0
+
+        def means(b, old):
+            cnt = b[1:] - b[:-1]
+            return np.where(cnt > 0, (p[b[1:]] - p[b[:-1]]) / np.maximum(cnt, 1), old)
+
+        b = (np.arange(k + 1, dtype=np.int64) * nr) // k
+        c = np.sort(means(b, np.full(k, last)))
+        for _ in range(max_iter):
+            mids = (c[:-1] + c[1:]) * 0.5
+            b = np.concatenate([[0], np.searchsorted(xr, mids, side="left"), [nr]])
+            nc = np.sort(means(b, c))
+            if np.array_equal(nc, c):
+                break
+            c = nc
+        out[r] = c
+    return out
 
 
 def assign_rows(z: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid of each weight's own row codebook (``c``: ``(rows, k)``
     ascending; ties go to the lower one), as uint8 of ``z``'s shape."""
-    z = np.asarray(z, dtype=np.float64)
-    rows, k = c.shape
-    lim = max(float(np.abs(z).max(initial=0.0)), float(np.abs(c).max(initial=0.0))) + 1.0
-    off = _row_offsets(rows, 4.0 * lim)
-    mids = ((c[:, 1:] + c[:, :-1]) * 0.5 + off).ravel()
-    idx = np.searchsorted(mids, (z + off).ravel(), side="left").reshape(z.shape)
-    return (idx - np.arange(rows, dtype=np.int64)[:, None] * (k - 1)).astype(np.uint8)
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    c = np.ascontiguousarray(c, dtype=np.float64)
+    if native.available():
+        return native.assign_rows(z, c)
+    mids = (c[:, 1:] + c[:, :-1]) * 0.5
+    out = np.empty(z.shape, dtype=np.uint8)
+    for r in range(z.shape[0]):
+        out[r] = np.searchsorted(mids[r], z[r].astype(np.float64), side="left")
+    return out
