@@ -136,8 +136,47 @@ def test_fused_gemm_matches_reference_on_ragged_shapes(bits):
                 assert (y - ref).abs().max().item() <= 1e-5 * scale, (bits, rows, cols, m)
 
 
+@pytest.fixture(params=["openmp", "pool"])
+def gemm_threads(request):
+    """Each GEMM test runs on torch's OpenMP team and on gobo's own thread pool."""
+    mode = kernels.gemm_threads(request.param == "openmp")
+    if mode != request.param:
+        kernels.gemm_threads(True)
+        pytest.skip("torch does not run on an OpenMP runtime gobo can find here")
+    yield mode
+    kernels.gemm_threads(True)  # back to the default
+
+
+def test_gemm_runs_on_torchs_openmp_team_where_there_is_one():
+    import sys
+
+    if sys.platform == "linux" and kernels.simd_enabled() and "OpenMP" in torch.__config__.parallel_info().split("backend:")[-1]:
+        assert kernels.gemm_threads() == "openmp"
+    else:
+        assert kernels.gemm_threads() in ("openmp", "pool")
+
+
 @needs_gemm
-def test_fused_gemm_is_independent_of_threads_and_batch():
+def test_fused_gemm_is_the_same_on_either_set_of_threads():
+    qt = make_qt(301, 250, 3, seed=11, outlier_frac=0.01)
+    p = Packed.from_qtensor(qt)
+    x, b = torch.randn(37, 250), torch.randn(301)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = []
+        for openmp in (True, False, True):
+            kernels.gemm_threads(openmp)
+            outs.append(linear(x, p, b))
+    finally:
+        torch.set_num_threads(before)
+        kernels.gemm_threads(True)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.allclose(outs[0], linear_reference(x, p, b), rtol=0, atol=1e-4)
+
+
+@needs_gemm
+def test_fused_gemm_is_independent_of_threads_and_batch(gemm_threads):
     # one summation order per output: the same bits whatever the thread count or batch split
     qt = make_qt(300, 200, 3, seed=7, outlier_frac=0.01)
     p = Packed.from_qtensor(qt)
@@ -156,7 +195,7 @@ def test_fused_gemm_is_independent_of_threads_and_batch():
 
 
 @needs_gemm
-def test_fused_gemm_from_several_python_threads():
+def test_fused_gemm_from_several_python_threads(gemm_threads):
     # ctypes releases the GIL: calls from other threads share the worker pool one at a time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -175,7 +214,7 @@ def test_fused_gemm_from_several_python_threads():
 
 
 @needs_gemm
-def test_fused_gemm_in_a_forked_child():
+def test_fused_gemm_in_a_forked_child(gemm_threads):
     # the worker threads do not survive fork(): the child must start its own
     import multiprocessing as mp
 

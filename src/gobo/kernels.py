@@ -43,6 +43,7 @@ __all__ = [
     "embedding",
     "embedding_reference",
     "fast_available",
+    "gemm_threads",
     "linear",
     "linear_reference",
     "simd_enabled",
@@ -152,7 +153,50 @@ def _lib():
     so.gobo_qgemm.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
     ]
+    so.gobo_qgemm_use_openmp.restype = None
+    so.gobo_qgemm_use_openmp.argtypes = [ctypes.c_void_p] * 3
+    so.gobo_qgemm_use_openmp(*(_torch_openmp() or (None, None, None)))
     return so
+
+
+def gemm_threads(openmp: bool | None = None) -> str:
+    """Which threads the fused GEMM runs on: ``"openmp"`` (torch's own OpenMP team, the
+    default where torch uses OpenMP: no second set of threads competes for the cores) or
+    ``"pool"`` (gobo's POSIX thread pool). ``openmp`` True/False switches; None only asks.
+    Both give the same bits."""
+    so = _lib()
+    if openmp is not None:
+        fns = _torch_openmp() if openmp else None
+        so.gobo_qgemm_use_openmp(*(fns or (None, None, None)))
+        _GEMM_THREADS[0] = "openmp" if fns else "pool"
+    elif _GEMM_THREADS[0] is None:
+        _GEMM_THREADS[0] = "openmp" if _torch_openmp() else "pool"
+    return _GEMM_THREADS[0]
+
+
+_GEMM_THREADS: list = [None]
+
+
+def _torch_openmp() -> tuple[int, int, int] | None:
+    """Addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` in
+    the OpenMP runtime torch runs its operators on (GNU libgomp, or a runtime that exports
+    the same entry points), or None when torch does not use OpenMP or it cannot be found."""
+    if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "/lib" in line and ("gomp" in line or "iomp" in line)})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            rt = ctypes.CDLL(path)  # already loaded: the same handle, nothing new loads
+            fns = [ctypes.cast(getattr(rt, n), ctypes.c_void_p).value for n in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
+        except (OSError, AttributeError):
+            continue
+        if all(fns):
+            return tuple(fns)
+    return None
 
 
 def fast_available() -> bool:

@@ -252,7 +252,39 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* The host's OpenMP runtime (torch's libgomp), when the caller hands it over: the GEMM then
+ * runs on the same team of threads as torch's own operators. Two sets of threads on the same
+ * cores fight: OpenMP workers spin for a while after each of torch's operators, so pool
+ * workers woken meanwhile wait for a core, and the other way round. */
+typedef void (*omp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+static omp_parallel_fn host_parallel;
+static omp_int_fn host_thread_num, host_num_threads;
+
+static void fork_init(void);
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+GOBO_API void gobo_qgemm_use_openmp(void *gomp_parallel, void *omp_get_thread_num, void *omp_get_num_threads) {
+    pthread_once(&fork_once, fork_init);
+    if (gomp_parallel && omp_get_thread_num && omp_get_num_threads) {
+        host_thread_num = (omp_int_fn)omp_get_thread_num;
+        host_num_threads = (omp_int_fn)omp_get_num_threads;
+        host_parallel = (omp_parallel_fn)gomp_parallel;
+    } else {
+        host_parallel = NULL;
+    }
+}
+
+static void team_body(void *arg) {
+    /* every member takes the parts t, t + team, ...: all parts run even when the runtime
+     * grants fewer threads than asked (a nested region gets one) */
+    qg_job *j = arg;
+    const int team = host_num_threads(), t = host_thread_num();
+    for (int p = t; p < j->nthreads; p += team) run_thread(j, p);
+}
+
 static void after_fork_child(void) {
+    host_parallel = NULL; /* GNU libgomp's threads do not survive fork(); the pool restarts */
     /* the workers do not exist in a forked child: start afresh */
     pthread_mutex_init(&pool_mu, NULL);
     pthread_mutex_init(&call_mu, NULL);
@@ -261,7 +293,6 @@ static void after_fork_child(void) {
     pool_size = 0;
     pool_pending = 0;
 }
-static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 static void fork_init(void) { pthread_atfork(NULL, NULL, after_fork_child); }
 
 /* start workers up to `want` (caller holds pool_mu); returns how many exist */
@@ -309,6 +340,12 @@ GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t l
         return j.status[0];
     }
     pthread_once(&fork_once, fork_init);
+    if (host_parallel) {
+        host_parallel(team_body, &j, (unsigned)j.nthreads, 0);
+        for (int i = 0; i < j.nthreads; ++i)
+            if (j.status[i]) return j.status[i];
+        return 0;
+    }
     pthread_mutex_lock(&call_mu);
     pthread_mutex_lock(&pool_mu);
     if (grow_pool(j.nthreads - 1) < j.nthreads - 1) j.nthreads = pool_size + 1;
