@@ -83,8 +83,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Idle OpenMP threads sleep instead of spinning (read when torch loads its OpenMP runtime, so
 # here, before any import of torch; ONNX Runtime gets the same with allow_spinning=0). On a
 # machine shared with other jobs, spinning made FP32 MiniLM's forward pass at batch 1 x 128
-# tokens and 2 threads take 920 ms instead of 60 ms. OMP_WAIT_POLICY=ACTIVE measures with it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# tokens and 2 threads take 920 ms instead of 60 ms. OMP_WAIT_POLICY=ACTIVE measures with it,
+# OMP_WAIT_POLICY=default with the runtime's default, what a process that sets nothing gets.
+if os.environ.get("OMP_WAIT_POLICY") == "default":  # the runtime's own policy (spin a while, then sleep)
+    del os.environ["OMP_WAIT_POLICY"]
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODELS = ("minilm-l6", "mpnet-base")
 BATCHES = (1, 8, 32)
