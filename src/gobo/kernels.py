@@ -155,6 +155,8 @@ def _lib():
     ]
     so.gobo_qgemm_use_openmp.restype = None
     so.gobo_qgemm_use_openmp.argtypes = [ctypes.c_void_p] * 3
+    so.gobo_qgemm_openmp.restype = ctypes.c_int
+    so.gobo_qgemm_openmp.argtypes = []
     so.gobo_qgemm_use_openmp(*(_torch_openmp() or (None, None, None)))
     return so
 
@@ -166,17 +168,11 @@ def gemm_threads(openmp: bool | None = None) -> str:
     Both give the same bits."""
     so = _lib()
     if openmp is not None:
-        fns = _torch_openmp() if openmp else None
-        so.gobo_qgemm_use_openmp(*(fns or (None, None, None)))
-        _GEMM_THREADS[0] = "openmp" if fns else "pool"
-    elif _GEMM_THREADS[0] is None:
-        _GEMM_THREADS[0] = "openmp" if _torch_openmp() else "pool"
-    return _GEMM_THREADS[0]
+        so.gobo_qgemm_use_openmp(*((_torch_openmp() if openmp else None) or (None, None, None)))
+    return "openmp" if so.gobo_qgemm_openmp() else "pool"  # a forked child is back on the pool
 
 
-_GEMM_THREADS: list = [None]
-
-
+@lru_cache(maxsize=1)
 def _torch_openmp() -> tuple[int, int, int] | None:
     """Addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` in
     the OpenMP runtime torch runs its operators on (GNU libgomp, or a runtime that exports

@@ -275,6 +275,9 @@ GOBO_API void gobo_qgemm_use_openmp(void *gomp_parallel, void *omp_get_thread_nu
     }
 }
 
+/* 1 when gobo_qgemm runs on the host's OpenMP team, 0 on gobo's own pool */
+GOBO_API int gobo_qgemm_openmp(void) { return host_parallel != NULL; }
+
 static void team_body(void *arg) {
     /* every member takes the parts t, t + team, ...: all parts run even when the runtime
      * grants fewer threads than asked (a nested region gets one) */
@@ -342,26 +345,24 @@ GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t l
     pthread_once(&fork_once, fork_init);
     if (host_parallel) {
         host_parallel(team_body, &j, (unsigned)j.nthreads, 0);
-        for (int i = 0; i < j.nthreads; ++i)
-            if (j.status[i]) return j.status[i];
-        return 0;
+    } else {
+        pthread_mutex_lock(&call_mu);
+        pthread_mutex_lock(&pool_mu);
+        if (grow_pool(j.nthreads - 1) < j.nthreads - 1) j.nthreads = pool_size + 1;
+        if (j.nthreads > 1) {
+            j.n_per = (panels + j.nthreads - 1) / j.nthreads * NR;
+            pool_job = &j;
+            pool_pending = pool_size;
+            ++pool_gen;
+            pthread_cond_broadcast(&pool_go);
+        }
+        pthread_mutex_unlock(&pool_mu);
+        run_thread(&j, 0);
+        pthread_mutex_lock(&pool_mu);
+        while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
+        pthread_mutex_unlock(&pool_mu);
+        pthread_mutex_unlock(&call_mu);
     }
-    pthread_mutex_lock(&call_mu);
-    pthread_mutex_lock(&pool_mu);
-    if (grow_pool(j.nthreads - 1) < j.nthreads - 1) j.nthreads = pool_size + 1;
-    if (j.nthreads > 1) {
-        j.n_per = (panels + j.nthreads - 1) / j.nthreads * NR;
-        pool_job = &j;
-        pool_pending = pool_size;
-        ++pool_gen;
-        pthread_cond_broadcast(&pool_go);
-    }
-    pthread_mutex_unlock(&pool_mu);
-    run_thread(&j, 0);
-    pthread_mutex_lock(&pool_mu);
-    while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
-    pthread_mutex_unlock(&pool_mu);
-    pthread_mutex_unlock(&call_mu);
     for (int i = 0; i < j.nthreads; ++i)
         if (j.status[i]) return j.status[i];
     return 0;
