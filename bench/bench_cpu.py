@@ -85,10 +85,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine shared with other jobs, spinning made FP32 MiniLM's forward pass at batch 1 x 128
 # tokens and 2 threads take 920 ms instead of 60 ms. OMP_WAIT_POLICY=ACTIVE measures with it,
 # OMP_WAIT_POLICY=default with the runtime's default, what a process that sets nothing gets.
-if os.environ.get("OMP_WAIT_POLICY") == "default":  # the runtime's own policy (spin a while, then sleep)
-    del os.environ["OMP_WAIT_POLICY"]
-else:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _models import set_omp_wait_policy  # noqa: E402  (before torch loads)
+
+set_omp_wait_policy()
 
 MODELS = ("minilm-l6", "mpnet-base")
 BATCHES = (1, 8, 32)

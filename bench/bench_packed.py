@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("OMP_WAIT_POLICY") == "default":  # the runtime's own policy (spin a while, then sleep)
-    del os.environ["OMP_WAIT_POLICY"]
-else:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _models import set_omp_wait_policy  # noqa: E402  (before torch loads)
+
+set_omp_wait_policy()
 
 
 def main() -> int:
