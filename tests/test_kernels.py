@@ -226,15 +226,16 @@ def test_fused_gemm_in_a_forked_child(gemm_threads):
     try:
         parent = linear(x, p)  # starts the pool here
         with mp.get_context("fork").Pool(1) as pool:
-            child = pool.apply(_fork_linear, (x, p))
+            child, child_threads = pool.apply(_fork_linear, (x, p))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(parent, child)
+    assert child_threads == "pool"  # OpenMP's threads do not survive fork(); the pool starts afresh
 
 
 def _fork_linear(x, p):
     torch.set_num_threads(2)
-    return linear(x, p)
+    return linear(x, p), kernels.gemm_threads()
 
 
 def test_tile_rows_for():
