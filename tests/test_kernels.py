@@ -123,7 +123,7 @@ def test_fused_gemm_matches_reference_on_ragged_shapes(bits):
     # rows around the 16-wide panels and 128-row blocks, columns around the 8-wide transposes
     # and 256-deep k blocks, batches around the 6-row strips
     rng = torch.Generator().manual_seed(100 + bits)
-    for rows, cols in [(1, 1), (15, 7), (17, 9), (129, 257), (40, 513)]:
+    for rows, cols in [(1, 1), (15, 7), (17, 9), (129, 257), (40, 513), (33, 8), (17, 520)]:
         qt = make_qt(rows, cols, bits, seed=rows + cols, stats=np.float16, outlier_frac=0.02, group_rows=max(1, rows // 3))
         p = Packed.from_qtensor(qt)
         bias = torch.randn(rows, generator=rng)
@@ -134,6 +134,19 @@ def test_fused_gemm_matches_reference_on_ragged_shapes(bits):
                 y = linear(x, p, b)
                 scale = max(ref.abs().max().item(), 1e-6)
                 assert (y - ref).abs().max().item() <= 1e-5 * scale, (bits, rows, cols, m)
+
+
+@needs_gemm
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("group_rows,stats", [(None, None), (1, None), (3, np.float16), (None, np.float32)])
+def test_fused_gemm_multiplies_exactly_the_decoded_weights(bits, group_rows, stats):
+    # x = identity: every output is one weight times 1 plus exact zeros, whatever the
+    # summation order, so y must be W^T to the bit. Widths up to 4 with K a multiple of 8
+    # decode straight into the panels; the others (and K = 36) through decoded rows.
+    for rows, cols in [(1, 8), (16, 16), (17, 24), (45, 64), (129, 520), (31, 36)]:
+        qt = make_qt(rows, cols, bits, seed=7 * rows + cols, group_rows=group_rows, stats=stats, outlier_frac=0.03)
+        y = linear(torch.eye(cols), Packed.from_qtensor(qt))
+        assert np.array_equal(y.numpy(), qt.dequantize().T), (bits, rows, cols, group_rows, stats)
 
 
 @pytest.fixture(params=["openmp", "pool"])

@@ -77,7 +77,7 @@ static float stat_at(const void *p, int f16, int64_t r) {
 #define NO_CONTRACT
 #endif
 
-static NO_CONTRACT void build_lut(const gobo_qmat *q, int64_t r, float *lut) {
+NO_CONTRACT void gobo_row_lut(const gobo_qmat *q, int64_t r, float *lut) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -261,11 +261,8 @@ static void decode_row(const gobo_qmat *q, int64_t r, const float *lut, float *d
 
 /* ------------------------------------------------------------------------- outliers */
 
-static int64_t outlier_pos(const gobo_qmat *q, int64_t i) {
-    return q->index32 ? (int64_t)((const int32_t *)q->outlier_index)[i] : ((const int64_t *)q->outlier_index)[i];
-}
 
-static int64_t lower_bound(const gobo_qmat *q, int64_t flat) {
+int64_t gobo_outlier_lower_bound(const gobo_qmat *q, int64_t flat) {
     int64_t lo = 0, hi = q->n_outliers;
     while (lo < hi) {
         int64_t mid = lo + (hi - lo) / 2;
@@ -295,7 +292,7 @@ GOBO_API int gobo_decode_rows(const gobo_qmat *q, int64_t r0, int64_t r1, float 
     int64_t built = -1; /* codebook group the table holds, when no row statistics */
     for (int64_t r = r0; r < r1; ++r) {
         if (per_row || built != r / q->group_rows) {
-            build_lut(q, r, lut);
+            gobo_row_lut(q, r, lut);
             built = r / q->group_rows;
         }
         float *d = dst + (r - r0) * ld;
@@ -303,7 +300,7 @@ GOBO_API int gobo_decode_rows(const gobo_qmat *q, int64_t r0, int64_t r1, float 
     }
     if (q->n_outliers && r1 > r0) {
         const int64_t stop = r1 * q->cols;
-        for (int64_t i = lower_bound(q, r0 * q->cols); i < q->n_outliers; ++i) {
+        for (int64_t i = gobo_outlier_lower_bound(q, r0 * q->cols); i < q->n_outliers; ++i) {
             int64_t pos = outlier_pos(q, i);
             if (pos >= stop) break;
             int64_t r = pos / q->cols;
@@ -325,11 +322,11 @@ GOBO_API int gobo_decode_row_list(const gobo_qmat *q, const int64_t *ids, int64_
     for (int64_t i = 0; i < n; ++i) {
         const int64_t r = ids[i];
         float *d = dst + i * q->cols;
-        build_lut(q, r, lut);
+        gobo_row_lut(q, r, lut);
         decode_row(q, r, lut, d, mode);
         if (q->n_outliers) {
             const int64_t stop = (r + 1) * q->cols;
-            for (int64_t j = lower_bound(q, r * q->cols); j < q->n_outliers; ++j) {
+            for (int64_t j = gobo_outlier_lower_bound(q, r * q->cols); j < q->n_outliers; ++j) {
                 int64_t pos = outlier_pos(q, j);
                 if (pos >= stop) break;
                 d[pos - r * q->cols] = q->outlier_value[j];

@@ -2,9 +2,11 @@
  *
  * A GEMM copies blocks of its right-hand matrix into "panels" (here: 16 output features
  * side by side for every k) so that its inner kernel reads them contiguously. This one never
- * holds W in float32: it decodes each block of 16 rows of codes (gobo_decode_rows, the same
- * bits as QuantizedTensor.dequantize()) and transposes it straight into its panel, so the
- * decoding takes the place of the packing copy. The inner kernel multiplies 6 rows of x by
+ * holds W in float32: it decodes each block of 16 rows of codes straight into its panel (the
+ * same bits as QuantizedTensor.dequantize()), so the decoding takes the place of the packing
+ * copy. Codes of up to 4 bits with K a multiple of 8 (every BERT-family matrix) are looked up
+ * eight per row and transposed in registers (decode_panel); other widths and shapes go through
+ * gobo_decode_rows and a transposing copy. The inner kernel multiplies 6 rows of x by
  * one panel slice of 512 k's into 6 x 16 accumulators (12 AVX2 registers, fused
  * multiply-adds), the classic register blocking of BLIS/GotoBLAS.
  *
@@ -91,29 +93,95 @@ static void pad_a(const float *x, int64_t ldx, int64_t mr, int64_t kc, float *ap
     for (int64_t i = 0; i < mr; ++i) memcpy(ap + i * kc, x + i * ldx, sizeof(float) * (size_t)kc);
 }
 
+/* 8 x 8 transpose in registers: v[i] (eight k's of row i) -> eight panel rows of 8 floats at
+ * p, p + NR, ... (the half of a 16-wide panel row that rows i belong to) */
+static inline __attribute__((always_inline)) AVX2 void store_8x8_transposed(__m256 *v, float *p) {
+    __m256 u0 = _mm256_unpacklo_ps(v[0], v[1]), u1 = _mm256_unpackhi_ps(v[0], v[1]), u2 = _mm256_unpacklo_ps(v[2], v[3]), u3 = _mm256_unpackhi_ps(v[2], v[3]);
+    __m256 u4 = _mm256_unpacklo_ps(v[4], v[5]), u5 = _mm256_unpackhi_ps(v[4], v[5]), u6 = _mm256_unpacklo_ps(v[6], v[7]), u7 = _mm256_unpackhi_ps(v[6], v[7]);
+    __m256 w0 = _mm256_shuffle_ps(u0, u2, 0x44), w1 = _mm256_shuffle_ps(u0, u2, 0xEE), w2 = _mm256_shuffle_ps(u1, u3, 0x44), w3 = _mm256_shuffle_ps(u1, u3, 0xEE);
+    __m256 w4 = _mm256_shuffle_ps(u4, u6, 0x44), w5 = _mm256_shuffle_ps(u4, u6, 0xEE), w6 = _mm256_shuffle_ps(u5, u7, 0x44), w7 = _mm256_shuffle_ps(u5, u7, 0xEE);
+    _mm256_store_ps(p + 0 * NR, _mm256_permute2f128_ps(w0, w4, 0x20));
+    _mm256_store_ps(p + 1 * NR, _mm256_permute2f128_ps(w1, w5, 0x20));
+    _mm256_store_ps(p + 2 * NR, _mm256_permute2f128_ps(w2, w6, 0x20));
+    _mm256_store_ps(p + 3 * NR, _mm256_permute2f128_ps(w3, w7, 0x20));
+    _mm256_store_ps(p + 4 * NR, _mm256_permute2f128_ps(w0, w4, 0x31));
+    _mm256_store_ps(p + 5 * NR, _mm256_permute2f128_ps(w1, w5, 0x31));
+    _mm256_store_ps(p + 6 * NR, _mm256_permute2f128_ps(w2, w6, 0x31));
+    _mm256_store_ps(p + 7 * NR, _mm256_permute2f128_ps(w3, w7, 0x31));
+}
+
+/* The panel (K x 16) of rows [r0, r0 + nr), nr <= 16, decoded straight from the codes, for
+ * b <= 4 and K a multiple of 8: every row then starts on a byte, eight of its codes are b
+ * bytes, and each row's 2**b decoded values fit one (b <= 3) or two registers. Eight rows
+ * at a time: eight codes of each looked up through its own table, the 8 x 8 block transposed
+ * in registers into the panel. Rows past nr come out zero; the outliers of the rows are
+ * written in afterwards. The same bits as gobo_decode_rows, without its row buffer. */
+static inline __attribute__((always_inline)) AVX2 void decode_panel_b(const gobo_qmat *q, int64_t r0, int64_t nr, float *panel, const int b) {
+    const int64_t K = q->cols;
+    const int64_t row_bytes = K / 8 * b;
+    const __m256i mask = _mm256_set1_epi32((1 << b) - 1);
+    const __m256i sh = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    float lut[NR][16] __attribute__((aligned(32)));
+    const uint8_t *p[NR];
+    for (int i = 0; i < NR; ++i) {
+        const int64_t r = r0 + i;
+        memset(lut[i], 0, sizeof lut[i]);
+        if (i < nr) gobo_row_lut(q, r, lut[i]);
+        p[i] = q->codes + (i < nr ? r : r0) * row_bytes;
+    }
+    float *dst = panel;
+    for (int64_t kb = 0; kb < K / 8; ++kb, dst += 8 * NR) {
+        for (int h = 0; h < 2; ++h) {
+            __m256 v[8];
+            for (int i = 0; i < 8; ++i) {
+                const int row = 8 * h + i;
+                uint32_t w;
+                if (b == 4) memcpy(&w, p[row] + kb * 4, 4);
+                else if (b == 3) { uint16_t lo; memcpy(&lo, p[row] + kb * 3, 2); w = lo | (uint32_t)p[row][kb * 3 + 2] << 16; }
+                else if (b == 2) { uint16_t lo; memcpy(&lo, p[row] + kb * 2, 2); w = lo; }
+                else w = p[row][kb];
+                const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), mask);
+                if (b <= 3) {
+                    v[i] = _mm256_permutevar8x32_ps(_mm256_load_ps(lut[row]), idx);
+                } else {
+                    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(lut[row]), idx);
+                    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(lut[row] + 8), idx);
+                    v[i] = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                }
+            }
+            store_8x8_transposed(v, dst + 8 * h);
+        }
+    }
+    if (q->n_outliers) {
+        const int64_t stop = (r0 + nr) * K;
+        for (int64_t i = gobo_outlier_lower_bound(q, r0 * K); i < q->n_outliers; ++i) {
+            const int64_t pos = outlier_pos(q, i);
+            if (pos >= stop) break;
+            const int64_t r = pos / K;
+            panel[(pos - r * K) * NR + (r - r0)] = q->outlier_value[i];
+        }
+    }
+}
+
+static AVX2 void decode_panel(const gobo_qmat *q, int64_t r0, int64_t nr, float *panel) {
+    switch (q->bits) {
+        case 1: decode_panel_b(q, r0, nr, panel, 1); break;
+        case 2: decode_panel_b(q, r0, nr, panel, 2); break;
+        case 3: decode_panel_b(q, r0, nr, panel, 3); break;
+        default: decode_panel_b(q, r0, nr, panel, 4); break;
+    }
+}
+
 /* panel (k x 16, contiguous) = transpose of rows (16 x K, stride K), columns [0, K) */
 static AVX2 void transpose_16xk(const float *rows, int64_t K, float *panel) {
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
+    for (; k + 8 <= K; k += 8)
         for (int h = 0; h < 2; ++h) {
             const float *r = rows + (int64_t)(8 * h) * K + k;
-            __m256 t0 = _mm256_loadu_ps(r), t1 = _mm256_loadu_ps(r + K), t2 = _mm256_loadu_ps(r + 2 * K), t3 = _mm256_loadu_ps(r + 3 * K);
-            __m256 t4 = _mm256_loadu_ps(r + 4 * K), t5 = _mm256_loadu_ps(r + 5 * K), t6 = _mm256_loadu_ps(r + 6 * K), t7 = _mm256_loadu_ps(r + 7 * K);
-            __m256 u0 = _mm256_unpacklo_ps(t0, t1), u1 = _mm256_unpackhi_ps(t0, t1), u2 = _mm256_unpacklo_ps(t2, t3), u3 = _mm256_unpackhi_ps(t2, t3);
-            __m256 u4 = _mm256_unpacklo_ps(t4, t5), u5 = _mm256_unpackhi_ps(t4, t5), u6 = _mm256_unpacklo_ps(t6, t7), u7 = _mm256_unpackhi_ps(t6, t7);
-            __m256 v0 = _mm256_shuffle_ps(u0, u2, 0x44), v1 = _mm256_shuffle_ps(u0, u2, 0xEE), v2 = _mm256_shuffle_ps(u1, u3, 0x44), v3 = _mm256_shuffle_ps(u1, u3, 0xEE);
-            __m256 v4 = _mm256_shuffle_ps(u4, u6, 0x44), v5 = _mm256_shuffle_ps(u4, u6, 0xEE), v6 = _mm256_shuffle_ps(u5, u7, 0x44), v7 = _mm256_shuffle_ps(u5, u7, 0xEE);
-            float *p = panel + k * NR + 8 * h;
-            _mm256_store_ps(p + 0 * NR, _mm256_permute2f128_ps(v0, v4, 0x20));
-            _mm256_store_ps(p + 1 * NR, _mm256_permute2f128_ps(v1, v5, 0x20));
-            _mm256_store_ps(p + 2 * NR, _mm256_permute2f128_ps(v2, v6, 0x20));
-            _mm256_store_ps(p + 3 * NR, _mm256_permute2f128_ps(v3, v7, 0x20));
-            _mm256_store_ps(p + 4 * NR, _mm256_permute2f128_ps(v0, v4, 0x31));
-            _mm256_store_ps(p + 5 * NR, _mm256_permute2f128_ps(v1, v5, 0x31));
-            _mm256_store_ps(p + 6 * NR, _mm256_permute2f128_ps(v2, v6, 0x31));
-            _mm256_store_ps(p + 7 * NR, _mm256_permute2f128_ps(v3, v7, 0x31));
+            __m256 v[8];
+            for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(r + i * K);
+            store_8x8_transposed(v, panel + k * NR + 8 * h);
         }
-    }
     for (; k < K; ++k)
         for (int j = 0; j < NR; ++j) panel[k * NR + j] = rows[(int64_t)j * K + k];
 }
@@ -148,12 +216,17 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
     const int64_t kpad = (K + 7) / 8 * 8;
     float *buf = scratch(NC * kpad + NR * kpad + MR * KC + MR * NR + NR);
     if (!buf) return 2;
+    const int direct = q->bits <= 4 && K % 8 == 0; /* decode_panel applies */
     float *panels = buf, *rows = panels + NC * kpad, *apad = rows + NR * kpad, *ctmp = apad + MR * KC, *itmp = ctmp + MR * NR;
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += NC) {
         const int64_t nc = n_hi - n0 < NC ? n_hi - n0 : NC;
         const int64_t np = (nc + NR - 1) / NR;
         for (int64_t p = 0; p < np; ++p) {
             const int64_t r0 = n0 + p * NR, r1 = r0 + NR < n0 + nc ? r0 + NR : n0 + nc;
+            if (direct) {
+                decode_panel(q, r0, r1 - r0, panels + p * kpad * NR);
+                continue;
+            }
             if (gobo_decode_rows(q, r0, r1, rows, K, 1)) return 1;
             if (r1 - r0 < NR) memset(rows + (r1 - r0) * K, 0, sizeof(float) * (size_t)((NR - (r1 - r0)) * K));
             transpose_16xk(rows, K, panels + p * kpad * NR);

@@ -27,4 +27,13 @@ GOBO_API int gobo_kernels_simd(void);
 
 /* kernels.c: decode rows [r0, r1) into dst (row stride ld); 0 on success */
 GOBO_API int gobo_decode_rows(const gobo_qmat *q, int64_t r0, int64_t r1, float *dst, int64_t ld, int32_t simd);
+
+/* kernels.c, internal: the 2**bits decoded values of row r's codes (codebook, then row
+ * statistics, rounded as numpy does) */
+void gobo_row_lut(const gobo_qmat *q, int64_t r, float *lut);
+/* kernels.c, internal: index of the first outlier at flat position >= flat */
+int64_t gobo_outlier_lower_bound(const gobo_qmat *q, int64_t flat);
+static inline int64_t outlier_pos(const gobo_qmat *q, int64_t i) {
+    return q->index32 ? (int64_t)((const int32_t *)q->outlier_index)[i] : ((const int64_t *)q->outlier_index)[i];
+}
 #endif
