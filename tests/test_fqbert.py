@@ -284,7 +284,7 @@ def test_agreement_on_real_test_texts(fq_minilm, minilm_fp32, tokenizer):
     eint = fq_minilm.embed(texts)
     esim = fq_minilm.embed(texts, simulate=True)
     p32, pint, psim = (bench.probe.predict(e) for e in (e32, eint, esim))
-    assert np.mean(pint == psim) >= 0.99
+    assert np.mean(pint == psim) >= 0.995  # the bound FQ-BERT's integer path must meet
     assert np.mean(np.all(eint == esim, axis=1)) >= 0.95
     assert np.mean(pint == p32) >= 0.88
     assert np.mean(pint == y) >= np.mean(p32 == y) - 0.05
