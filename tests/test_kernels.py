@@ -149,6 +149,16 @@ def test_fused_gemm_multiplies_exactly_the_decoded_weights(bits, group_rows, sta
         assert np.array_equal(y.numpy(), qt.dequantize().T), (bits, rows, cols, group_rows, stats)
 
 
+@needs_gemm
+def test_fused_gemm_rejects_a_matrix_whose_codes_do_not_fit_its_shape():
+    # the GEMM reads whole rows of codes: a stream shorter than rows x cols x bits is refused
+    p = Packed.from_qtensor(make_qt(16, 16, 3))
+    q = kernels._qmat(p)
+    q.nbytes -= 1
+    with pytest.raises(ValueError, match="rejected"):
+        linear(torch.randn(2, 16), p, q=q)
+
+
 @pytest.fixture(params=["openmp", "pool"])
 def gemm_threads(request):
     """Each GEMM test runs on torch's OpenMP team and on gobo's own thread pool."""

@@ -112,10 +112,11 @@ static inline __attribute__((always_inline)) AVX2 void store_8x8_transposed(__m2
 
 /* The panel (K x 16) of rows [r0, r0 + nr), nr <= 16, decoded straight from the codes, for
  * b <= 4 and K a multiple of 8: every row then starts on a byte, eight of its codes are b
- * bytes, and each row's 2**b decoded values fit one (b <= 3) or two registers. Eight rows
- * at a time: eight codes of each looked up through its own table, the 8 x 8 block transposed
- * in registers into the panel. Rows past nr come out zero; the outliers of the rows are
- * written in afterwards. The same bits as gobo_decode_rows, without its row buffer. */
+ * bytes, and each row's 2**b decoded values fit one (b <= 3) or two registers. For every
+ * eight k's, eight codes of each of the 16 rows are looked up through the row's own table and
+ * each half of the panel rows (8 x 8) is transposed in registers, so every 64-byte panel row
+ * is written whole. Rows past nr come out zero; the outliers of the rows are written in
+ * afterwards. The same bits as gobo_decode_rows, without its row buffer. */
 static inline __attribute__((always_inline)) AVX2 void decode_panel_b(const gobo_qmat *q, int64_t r0, int64_t nr, float *panel, const int b) {
     const int64_t K = q->cols;
     const int64_t row_bytes = K / 8 * b;
@@ -399,6 +400,7 @@ static int grow_pool(int want) {
 GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias, int32_t nthreads) {
     if (!gobo_kernels_simd()) return 3;
     if (!q || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || q->rows < 0 || q->cols < 0) return 1;
+    if (q->bits < 1 || q->bits > 8 || q->group_rows < 1 || q->nbytes != (q->rows * q->cols * q->bits + 7) / 8) return 1;
     if (m == 0 || q->rows == 0) return 0;
     if (q->cols == 0) { /* an empty sum: the bias alone */
         for (int64_t i = 0; i < m; ++i)
