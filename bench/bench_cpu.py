@@ -26,8 +26,6 @@ Contenders:
 * ``fp32``: the source model, transformers, FP32.
 * ``gobo-3b`` / ``gobo-4b``: ``gobo.quantize(model, GoboConfig(bits=b))`` (size-aware mixed
   widths averaging b bits, row statistics), loaded with ``gobo.load(dir, packed=True)``.
-  That load also sets gobo's memory arena (``gobo.kernels.keep_freed_memory``) for the whole
-  process, so in the timing process every contender, FP32 included, runs with it.
 * ``gobo-paper-3b``: the MICRO 2020 recipe (every tensor 3 bits, one codebook, no row stats).
 * ``int8-dynamic``: ``torch.ao.quantization.quantize_dynamic`` on every nn.Linear.
 

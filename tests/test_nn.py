@@ -8,9 +8,6 @@ on 2 cores, with outputs of magnitude ~5).
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -140,35 +137,3 @@ def test_packed_model_matches_dequantized(default_dir, sentences):
     dense_bytes = resident_weight_bytes(dense)
     print(f"\nresident weight bytes: packed {packed_bytes:,} vs dequantized {dense_bytes:,} ({dense_bytes / packed_bytes:.1f}x)")
     assert packed_bytes < dense_bytes / 6
-
-
-def test_load_packed_keeps_freed_memory_unless_asked_not_to(default_dir, monkeypatch):
-    calls = []
-    monkeypatch.setattr(kernels, "keep_freed_memory", lambda: calls.append(1) or True)
-    outdir, _ = default_dir
-    gobo.load(outdir, packed=True, memory_arena=False)
-    gobo.load(outdir)
-    assert calls == []
-    gobo.load(outdir, packed=True)
-    assert calls == [1]
-
-
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="the memory arena is set through glibc's mallopt")
-def test_freed_memory_is_reused_without_page_faults():
-    # a 64 MiB tensor made, filled and freed twice: the second time, the default allocator
-    # maps and page-faults it in anew; with the arena it reuses the pages of the first
-    code = (
-        "import resource, sys, torch\n"
-        "from gobo import kernels\n"
-        "assert sys.argv[1] == '0' or kernels.keep_freed_memory()\n"
-        "def faults():\n"
-        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "    t = torch.empty(16 * 2**20)\n"
-        "    t.fill_(1.0)\n"
-        "    del t\n"
-        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
-        "faults()\n"
-        "print(faults())\n"
-    )
-    off, on = (int(subprocess.run([sys.executable, "-c", code, a], capture_output=True, text=True, check=True).stdout) for a in "01")
-    assert on < 200 and on * 10 <= off, (off, on)

@@ -171,25 +171,18 @@ def load_compressed(outdir: str | os.PathLike) -> CompressedModel:
     return read_compressed(outdir)
 
 
-def load(outdir: str | os.PathLike, *, packed: bool = False, memory_arena: bool = True):
+def load(outdir: str | os.PathLike, *, packed: bool = False):
     """A transformers model in eval mode whose weights are the dequantized values.
 
     With ``packed=True`` the quantized weights stay packed in memory: every quantized
     nn.Linear / nn.Embedding is replaced by :class:`gobo.nn.QuantLinear` /
     :class:`gobo.nn.QuantEmbedding`, which decode on the fly (CPU kernels in
-    :mod:`gobo.kernels`); outputs match the dequantized model's. The process's C allocator
-    then keeps freed memory for reuse (:func:`gobo.kernels.keep_freed_memory`), so large
-    activations are not page-faulted in anew at every forward pass; ``memory_arena=False``
-    leaves the allocator as it is.
+    :mod:`gobo.kernels`); outputs match the dequantized model's.
     """
     cm = load_compressed(outdir)
     if packed:
         from .nn import build_packed_model
 
-        if memory_arena:
-            from .kernels import keep_freed_memory
-
-            keep_freed_memory()
         return build_packed_model(outdir, cm)
     from .hf import build_model
 

@@ -8,9 +8,9 @@ tensors (:class:`Packed`). Two paths compute the same things:
 * fast (``gobo._native``, C, AVX2 chosen at run time), two ways:
 
   - fused (``gobo_qgemm``, csrc/qgemm.c; x86-64 with AVX2 and FMA): the GEMM's own kernel.
-    It decodes 16 rows of codes at a time, bit-identical to ``dequantize()``, straight into
-    the panels its 6 x 16 register-blocked inner kernel reads, so decoding replaces the
-    packing copy every GEMM makes. Only a panel block of ``W`` (128 rows) is ever
+    It decodes 16 rows of codes at a time, bit-identical to ``dequantize()``, and transposes
+    them straight into the panels its 6 x 16 register-blocked inner kernel reads, so decoding
+    replaces the packing copy every GEMM makes. Only a panel block of ``W`` (128 rows) is ever
     in float32 per thread, and threads split the output features;
   - tiled (elsewhere, or when asked for with ``tile_rows``): decode a tile of rows into a
     float32 scratch buffer and multiply it with ``torch.addmm`` (MKL/oneDNN) straight into
@@ -44,7 +44,6 @@ __all__ = [
     "embedding_reference",
     "fast_available",
     "gemm_threads",
-    "keep_freed_memory",
     "linear",
     "linear_reference",
     "simd_enabled",
@@ -171,37 +170,6 @@ def gemm_threads(openmp: bool | None = None) -> str:
     if openmp is not None:
         so.gobo_qgemm_use_openmp(*((_torch_openmp() if openmp else None) or (None, None, None)))
     return "openmp" if so.gobo_qgemm_openmp() else "pool"  # a forked child is back on the pool
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-@lru_cache(maxsize=1)
-def keep_freed_memory() -> bool:
-    """Have the C allocator keep the memory this process frees for reuse, as an inference
-    runtime's memory arena does, instead of giving it back to the operating system.
-
-    glibc serves each block above a threshold (at most 32 MiB) with a fresh ``mmap`` and
-    unmaps it when freed, so every forward pass page-faults its large activations in anew
-    (all-mpnet-base-v2 at batch 32 x 128 tokens: 50 MB per feed-forward activation, 150,000
-    to 270,000 page faults per pass on a 2-core VM, the packed model 21% slower for it).
-    Here every block comes from the heap and the heap is not trimmed: after the first pass
-    the next ones reuse the same pages. The cost is that the process's resident memory stays
-    at its peak. Called once by ``gobo.load(..., packed=True)`` unless ``memory_arena=False``.
-    Returns True when set (glibc's ``mallopt``), False where the C library is another.
-    """
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.restype = ctypes.c_int
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @lru_cache(maxsize=1)
