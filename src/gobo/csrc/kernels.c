@@ -261,7 +261,6 @@ static void decode_row(const gobo_qmat *q, int64_t r, const float *lut, float *d
 
 /* ------------------------------------------------------------------------- outliers */
 
-
 int64_t gobo_outlier_lower_bound(const gobo_qmat *q, int64_t flat) {
     int64_t lo = 0, hi = q->n_outliers;
     while (lo < hi) {
@@ -271,7 +270,7 @@ int64_t gobo_outlier_lower_bound(const gobo_qmat *q, int64_t flat) {
     return lo;
 }
 
-static int check(const gobo_qmat *q) {
+int gobo_qmat_check(const gobo_qmat *q) {
     if (!q || q->bits < 1 || q->bits > 8 || q->rows < 0 || q->cols < 0 || q->group_rows < 1) return 1;
     if (q->nbytes != (q->rows * q->cols * q->bits + 7) / 8) return 1;
     return 0;
@@ -285,7 +284,7 @@ GOBO_API int gobo_kernels_simd(void) { return have_avx2(); }
 /* Decode rows [r0, r1) into dst (row i at dst + (i - r0) * ld). simd = 0 forces the
  * portable path. Returns 0, or 1 on bad arguments. */
 GOBO_API int gobo_decode_rows(const gobo_qmat *q, int64_t r0, int64_t r1, float *dst, int64_t ld, int32_t simd) {
-    if (check(q) || r0 < 0 || r1 > q->rows || r0 > r1 || ld < q->cols) return 1;
+    if (gobo_qmat_check(q) || r0 < 0 || r1 > q->rows || r0 > r1 || ld < q->cols) return 1;
     float lut[256];
     const int mode = decode_mode(simd);
     const int per_row = q->row_scale || q->row_offset;
@@ -314,7 +313,7 @@ GOBO_API int gobo_decode_rows(const gobo_qmat *q, int64_t r0, int64_t r1, float 
  * Returns 0, 1 on bad arguments, or 2 when an id is out of range (nothing is promised
  * about dst then). */
 GOBO_API int gobo_decode_row_list(const gobo_qmat *q, const int64_t *ids, int64_t n, float *dst, int32_t simd) {
-    if (check(q) || n < 0) return 1;
+    if (gobo_qmat_check(q) || n < 0) return 1;
     for (int64_t i = 0; i < n; ++i)
         if (ids[i] < 0 || ids[i] >= q->rows) return 2;
     float lut[256];

@@ -399,8 +399,7 @@ static int grow_pool(int want) {
  * another way). */
 GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias, int32_t nthreads) {
     if (!gobo_kernels_simd()) return 3;
-    if (!q || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || q->rows < 0 || q->cols < 0) return 1;
-    if (q->bits < 1 || q->bits > 8 || q->group_rows < 1 || q->nbytes != (q->rows * q->cols * q->bits + 7) / 8) return 1;
+    if (gobo_qmat_check(q) || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows) return 1;
     if (m == 0 || q->rows == 0) return 0;
     if (q->cols == 0) { /* an empty sum: the bias alone */
         for (int64_t i = 0; i < m; ++i)

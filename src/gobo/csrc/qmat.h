@@ -31,6 +31,9 @@ GOBO_API int gobo_decode_rows(const gobo_qmat *q, int64_t r0, int64_t r1, float 
 /* kernels.c, internal: the 2**bits decoded values of row r's codes (codebook, then row
  * statistics, rounded as numpy does) */
 void gobo_row_lut(const gobo_qmat *q, int64_t r, float *lut);
+/* kernels.c, internal: 1 when the fields are out of range or the code stream does not hold
+ * exactly rows x cols x bits bits, else 0 */
+int gobo_qmat_check(const gobo_qmat *q);
 /* kernels.c, internal: index of the first outlier at flat position >= flat */
 int64_t gobo_outlier_lower_bound(const gobo_qmat *q, int64_t flat);
 static inline int64_t outlier_pos(const gobo_qmat *q, int64_t i) {
