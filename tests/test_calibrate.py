@@ -31,6 +31,25 @@ def test_synthetic_batch_is_deterministic_framed_and_frequent_word_heavy(tokeniz
     assert not set(words) & set(tokenizer.all_special_tokens)
 
 
+def test_synthetic_batch_with_punctuation_is_deterministic_and_punctuated(tokenizer):
+    ids, mask = synthetic_batch(tokenizer, n_seqs=64, max_len=48, seed=0, punctuation=True)
+    ids2, mask2 = synthetic_batch(tokenizer, n_seqs=64, max_len=48, seed=0, punctuation=True)
+    assert torch.equal(ids, ids2) and torch.equal(mask, mask2)
+    lengths = mask.sum(1).tolist()
+    assert all(mask[i, :n].all() and not mask[i, n:].any() for i, n in enumerate(lengths))
+    assert max(lengths) <= 128 and max(lengths) > 48  # punctuation comes on top of up to 46 words
+    assert (ids[:, 0] == tokenizer.cls_token_id).all()
+    ends = tokenizer.convert_ids_to_tokens([int(ids[i, n - 2]) for i, n in enumerate(lengths)])
+    assert all(ids[i, n - 1] == tokenizer.sep_token_id for i, n in enumerate(lengths))
+    assert set(ends) <= {".", "!", "?"} and ends.count(".") > len(ends) // 2
+    inner = tokenizer.convert_ids_to_tokens([int(t) for i, n in enumerate(lengths) for t in ids[i, 1 : n - 1]])
+    # about one comma per 20 words: far more than the Zipf draw alone would give
+    assert 0.02 < inner.count(",") / len(inner) < 0.08
+    assert not set(inner) & set(tokenizer.all_special_tokens)
+    # the words are the same Zipf draw: without punctuation the first call is unchanged
+    assert torch.equal(synthetic_batch(tokenizer, 16, 32, seed=3)[0], synthetic_batch(tokenizer, 16, 32, seed=3, punctuation=False)[0])
+
+
 def test_output_sensitivity_is_zero_for_the_original_and_restores_the_model(minilm_fp32, minilm_state, tokenizer):
     sens = OutputSensitivity(minilm_fp32, tokenizer, n_seqs=4, max_len=16)
     name = "encoder.layer.0.attention.self.value.weight"

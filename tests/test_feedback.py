@@ -140,10 +140,21 @@ def test_config_fields_round_trip_and_refuse_bad_values():
                      act_outliers=0.004, act_texts=16)
     assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg
     assert "codebook" not in config_to_json(GoboConfig())["data"]  # files without these fields keep their bytes
+    # the synthetic sentences and the damping are recorded where they are used, and a file
+    # from before them reads as what it was made with (words alone, damping 0.01)
+    assert not {"synthetic", "feedback_damp"} & set(config_to_json(GoboConfig(feedback="texts", feedback_damp=0.01))["data"])
+    fb = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.006, feedback="synthetic")
+    assert (fb.synthetic, fb.feedback_damp) == ("punct", 0.1)
+    doc = config_to_json(fb)
+    assert doc["data"]["synthetic"] == "punct" and doc["data"]["feedback_damp"] == 0.1
+    for k in ("synthetic", "feedback_damp"):
+        del doc["data"][k]
+    assert (config_from_json(doc).synthetic, config_from_json(doc).feedback_damp) == ("words", 0.01)
     for bad in [dict(codebook="row"), dict(codebook="col", allocate="uniform"), dict(feedback="real"),
                 dict(feedback="texts", normalize_rows=True), dict(feedback="texts", feedback_texts=0),
                 dict(act_outliers=-0.1), dict(act_outliers=0.5), dict(act_outliers=True), dict(act_texts=0),
-                dict(act_outliers=0.01, normalize_rows=True)]:
+                dict(act_outliers=0.01, normalize_rows=True), dict(synthetic="zipf"), dict(feedback_damp=0),
+                dict(feedback_damp=True), dict(feedback_damp=float("nan"))]:
         with pytest.raises(ValueError):
             GoboConfig(**bad)
 
@@ -179,6 +190,7 @@ def test_cli_feedback_flags(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)["config"]["data"]
     assert data["codebook"] == "row" and data["allocate"] == "uniform" and data["feedback"] == "texts"
     assert data["feedback_sha256"] == feedback.texts_sha256(["A fine film.", "A dull, overlong one."])
+    assert data["feedback_damp"] == 0.1  # recorded, since the feedback used it
     assert main([*args[:3], str(tmp_path / "a"), "--act-outliers", "0.01", *args[10:]]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["data"]["act_outliers"] == 0.01
     (tmp_path / "empty.txt").write_text("\n \n")
@@ -189,7 +201,9 @@ def test_cli_feedback_flags(tmp_path, capsys):
                        (["--codebook", "row", "--method", "directq"], "apply to --method gobo"),
                        (["--codebook", "row", "--allocate", "size"], "codebook='row' needs allocate='uniform'"),
                        (["--act-outliers", "0.01", "--method", "qbert"], "apply to --method gobo"),
-                       (["--act-outliers", "0.7"], "act_outliers must be a fraction")]:
+                       (["--act-outliers", "0.7"], "act_outliers must be a fraction"),
+                       (["--feedback-damp", "0.1"], "need --feedback"),
+                       (["--feedback", "synthetic", "--feedback-damp", "-1"], "feedback_damp must be a positive")]:
         assert main(["quantize", "minilm-l6", "-o", str(tmp_path / "x"), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("gobo: error: ") and msg in err and err.count("\n") == 1

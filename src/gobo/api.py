@@ -114,7 +114,8 @@ def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -
     synthetic sentences (the calibration texts with feedback="texts")."""
     from .feedback import input_energy
 
-    return input_energy(src, tokenizer, names, config.act_texts, texts if config.feedback == "texts" else None)
+    return input_energy(src, tokenizer, names, config.act_texts, texts if config.feedback == "texts" else None,
+                        punctuation=config.synthetic == "punct")
 
 
 def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts) -> CompressedModel:
@@ -123,7 +124,8 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
 
     if config.feedback != "texts":
         texts = None
-    for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts).items():
+    for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts,
+                                       damp=config.feedback_damp, punctuation=config.synthetic == "punct").items():
         cm.quantized[name] = qt
         cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
     cm.config = config

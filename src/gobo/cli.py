@@ -154,8 +154,8 @@ def _cmd_quantize(args) -> int:
     if (args.codebook or args.feedback or args.calibration_texts or args.feedback_texts or args.act_outliers is not None) \
             and args.method not in ("gobo", "gobo-paper"):
         raise UserError("--codebook, --feedback, --calibration-texts, --feedback-texts and --act-outliers apply to --method gobo or gobo-paper only")
-    if (args.calibration_texts or args.feedback_texts) and not args.feedback:
-        raise UserError("--calibration-texts and --feedback-texts need --feedback")
+    if (args.calibration_texts or args.feedback_texts or args.feedback_damp is not None) and not args.feedback:
+        raise UserError("--calibration-texts, --feedback-texts and --feedback-damp need --feedback")
     if args.calibration_texts and args.feedback != "texts":
         raise UserError("--calibration-texts needs --feedback texts")
     texts = None
@@ -182,6 +182,8 @@ def _cmd_quantize(args) -> int:
             extra["feedback_texts"] = args.feedback_texts
         if args.act_outliers is not None:
             extra["act_outliers"] = args.act_outliers
+        if args.feedback_damp is not None:
+            extra["feedback_damp"] = args.feedback_damp
         config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -404,6 +406,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--act-outliers", type=float, metavar="FRACTION", help="gobo: also keep exact this fraction of every Linear's weights (e.g. 0.006): those whose error weighs most once multiplied by its input's mean square on 64 synthetic sentences (data-free)")
     q.add_argument("--calibration-texts", metavar="FILE", help="with --feedback texts: one calibration text per line")
     q.add_argument("--feedback-texts", type=int, metavar="N", help="with --feedback: calibration sentences to use (default 256)")
+    q.add_argument("--feedback-damp", type=float, metavar="F", help="with --feedback: damping added to the diagonal of the inputs' second moments, as a fraction of its mean (default 0.1)")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -57,11 +57,15 @@ class GoboConfig:
     act_outliers: float = 0.0  # extra fraction of each Linear's weights kept exact: the largest errors
     # times their input's mean square on the calibration sentences (gobo.quantize measures it)
     act_texts: int = 64  # act_outliers: sentences measured (synthetic; the calibration texts with feedback="texts")
+    synthetic: str = "punct"  # synthetic sentences of act_outliers and feedback="synthetic": "punct" (Zipf-drawn
+    # words with punctuation, gobo.calibrate.synthetic_batch) or "words" (the words alone, as files before it)
+    feedback_damp: float = 0.1  # error feedback: damping added to H's diagonal, as a fraction of its mean (0.01 before it)
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
                                                      "feedback": "", "feedback_texts": 256, "feedback_sha256": "",
-                                                     "act_outliers": 0.0, "act_texts": 64}
+                                                     "act_outliers": 0.0, "act_texts": 64,
+                                                     "synthetic": "words", "feedback_damp": 0.01}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -94,6 +98,18 @@ class GoboConfig:
             raise ValueError(f"act_outliers must be a fraction from 0 to 0.5, got {self.act_outliers!r}")
         if isinstance(self.act_texts, bool) or not isinstance(self.act_texts, int) or self.act_texts < 1:
             raise ValueError(f"act_texts must be a positive integer, got {self.act_texts!r}")
+        if self.synthetic not in ("punct", "words"):
+            raise ValueError(f"synthetic must be 'punct' or 'words', got {self.synthetic!r}")
+        if isinstance(self.feedback_damp, bool) or not isinstance(self.feedback_damp, (int, float)) \
+                or not (0 < self.feedback_damp < math.inf):
+            raise ValueError(f"feedback_damp must be a positive number, got {self.feedback_damp!r}")
+        # where no synthetic sentence is read, or no feedback made, these two settle at the value
+        # files before them imply, so such configs (the default among them) keep their bytes
+        if not (self.act_outliers and self.feedback != "texts") and self.feedback != "synthetic":
+            object.__setattr__(self, "synthetic", self._OPTIONAL_FIELDS["synthetic"])
+        if not self.feedback:
+            object.__setattr__(self, "feedback_damp", self._OPTIONAL_FIELDS["feedback_damp"])
+        object.__setattr__(self, "feedback_damp", float(self.feedback_damp))
         if self.act_outliers and self.normalize_rows:
             raise ValueError("act_outliers does not combine with normalize_rows")
         if self.layer_omega and self.allocate != "hessian":
