@@ -73,29 +73,26 @@ def synthetic_batch(tokenizer, n_seqs: int = 8, max_len: int = 32, seed: int = 0
     sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     punct = _punctuation_ids(tokenizer) if punctuation else None
-    if punct is None:
-        ids = np.full((n_seqs, max_len), pad_id, dtype=np.int64)
-        mask = np.zeros((n_seqs, max_len), dtype=np.int64)
-        for i, n in enumerate(rng.integers(min(8, max_len), max_len + 1, n_seqs)):
-            ids[i, 1 : n - 1] = start + rng.choice(n_words, n - 2, p=p)
-            ids[i, 0], ids[i, n - 1] = cls_id, sep_id
-            mask[i, :n] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask)
-    marks, bounds = [], np.cumsum([q for _, q in PUNCTUATION])
-    for t, _ in PUNCTUATION:
-        marks.append([punct["'"], punct["s"]] if t == "'s" else [punct[t]])
     seqs = []
-    for _ in range(n_seqs):
-        words = start + rng.choice(n_words, int(rng.integers(min(8, max_len) - 2, max_len - 1)), p=p)
-        out: list[int] = []
-        for w in words:
-            out.append(int(w))
-            k = int(np.searchsorted(bounds, rng.random(), side="right"))
-            if k < len(marks):
-                out.extend(marks[k])
-        out.append(punct["."] if rng.random() < FULL_STOP else int(rng.choice([punct["!"], punct["?"]])))
-        seqs.append([cls_id, *out[:126], sep_id])
-    width = max(len(s) for s in seqs)
+    if punct is None:
+        for n in rng.integers(min(8, max_len), max_len + 1, n_seqs):
+            seqs.append([cls_id, *(start + rng.choice(n_words, n - 2, p=p)), sep_id])
+    else:
+        marks, bounds = [], np.cumsum([q for _, q in PUNCTUATION])
+        for t, _ in PUNCTUATION:
+            marks.append([punct["'"], punct["s"]] if t == "'s" else [punct[t]])
+        for _ in range(n_seqs):
+            words = start + rng.choice(n_words, int(rng.integers(min(8, max_len) - 2, max_len - 1)), p=p)
+            out: list[int] = []
+            for w in words:
+                out.append(int(w))
+                k = int(np.searchsorted(bounds, rng.random(), side="right"))
+                if k < len(marks):
+                    out.extend(marks[k])
+            out.append(punct["."] if rng.random() < FULL_STOP else int(rng.choice([punct["!"], punct["?"]])))
+            seqs.append([cls_id, *out[:126], sep_id])
+    # the words alone keep their fixed width; punctuated sentences are padded to the longest
+    width = max_len if punct is None else max(len(s) for s in seqs)
     ids = np.full((n_seqs, width), pad_id, dtype=np.int64)
     mask = np.zeros((n_seqs, width), dtype=np.int64)
     for i, s in enumerate(seqs):

@@ -46,7 +46,7 @@ def texts_sha256(texts: Sequence[str]) -> str:
 
 def calibration_batch(tokenizer, texts: Sequence[str] | None, n: int, max_len: int = 128, seed: int = 0,
                       punctuation: bool = False):
-    """``(input_ids, attention_mask)``: ``n`` synthetic sentences (``texts`` None, up to 48
+    """``(input_ids, attention_mask)``: ``n`` synthetic sentences (``texts`` None, up to 46
     words, with punctuation if asked: :func:`gobo.calibrate.synthetic_batch`) or the first
     ``n`` of ``texts`` (truncated to ``max_len`` tokens)."""
     if texts is None:
