@@ -117,36 +117,130 @@ def test_linear_one_tile_is_exact_against_the_same_gemm():
 needs_gemm = pytest.mark.skipif(not kernels.simd_enabled(), reason="the fused kernel needs x86-64 with AVX2 and FMA")
 
 
+#: the fused GEMM's inner kernels this CPU runs (AVX-512 CPUs run both)
+ISAS_HERE = ["avx2", "avx512"] if kernels.gemm_isa() == "avx512" else ["avx2"]
+# rows around the 16- and 32-wide panels and 128-row blocks, columns around the 8-wide
+# transposes and 384-deep k blocks, batches around the 6- and 8-row strips
+RAGGED = [(1, 1), (15, 7), (17, 9), (33, 24), (129, 257), (40, 769), (33, 8), (17, 520)]
+
+
 @needs_gemm
+@pytest.mark.parametrize("isa", ISAS_HERE)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
-def test_fused_gemm_matches_reference_on_ragged_shapes(bits):
-    # rows around the 16-wide panels and 128-row blocks, columns around the 8-wide transposes
-    # and 256-deep k blocks, batches around the 6-row strips
+def test_fused_gemm_matches_reference_on_ragged_shapes(bits, isa):
     rng = torch.Generator().manual_seed(100 + bits)
-    for rows, cols in [(1, 1), (15, 7), (17, 9), (129, 257), (40, 513), (33, 8), (17, 520)]:
+    for rows, cols in RAGGED:
         qt = make_qt(rows, cols, bits, seed=rows + cols, stats=np.float16, outlier_frac=0.02, group_rows=max(1, rows // 3))
         p = Packed.from_qtensor(qt)
         bias = torch.randn(rows, generator=rng)
-        for m in (1, 5, 6, 7, 13):
+        for m in (1, 5, 6, 7, 9, 13, 17):
             x = torch.randn(m, cols, generator=rng)
             for b in (None, bias):
                 ref = linear_reference(x, p, b)
-                y = linear(x, p, b)
+                y = linear(x, p, b, isa=isa)
                 scale = max(ref.abs().max().item(), 1e-6)
                 assert (y - ref).abs().max().item() <= 1e-5 * scale, (bits, rows, cols, m)
 
 
 @needs_gemm
+@pytest.mark.parametrize("isa", ISAS_HERE)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("group_rows,stats", [(None, None), (1, None), (3, np.float16), (None, np.float32)])
-def test_fused_gemm_multiplies_exactly_the_decoded_weights(bits, group_rows, stats):
+def test_fused_gemm_multiplies_exactly_the_decoded_weights(bits, group_rows, stats, isa):
     # x = identity: every output is one weight times 1 plus exact zeros, whatever the
     # summation order, so y must be W^T to the bit. Widths up to 4 with K a multiple of 8
     # decode straight into the panels; the others (and K = 36) through decoded rows.
     for rows, cols in [(1, 8), (16, 16), (17, 24), (45, 64), (129, 520), (31, 36)]:
         qt = make_qt(rows, cols, bits, seed=7 * rows + cols, group_rows=group_rows, stats=stats, outlier_frac=0.03)
-        y = linear(torch.eye(cols), Packed.from_qtensor(qt))
+        y = linear(torch.eye(cols), Packed.from_qtensor(qt), isa=isa)
         assert np.array_equal(y.numpy(), qt.dequantize().T), (bits, rows, cols, group_rows, stats)
+
+
+@needs_gemm
+@pytest.mark.skipif(len(ISAS_HERE) < 2, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_avx2_and_avx512_kernels_give_the_same_bits(bits):
+    # one summation order per output (bias, k ascending, residual) in both kernels; the GELU
+    # is the same 8-wide code in both
+    rng = torch.Generator().manual_seed(bits)
+    for rows, cols in RAGGED + [(768, 768)]:
+        p = Packed.from_qtensor(make_qt(rows, cols, bits, seed=rows * cols, outlier_frac=0.01, group_rows=1))
+        b = torch.randn(rows, generator=rng)
+        for m in (1, 7, 8, 31, 128):
+            x, res = torch.randn(m, cols, generator=rng), torch.randn(m, rows, generator=rng)
+            for kw in ({}, {"residual": res}, {"act": "gelu"}, {"residual": res, "act": "gelu"}):
+                assert torch.equal(linear(x, p, b, isa="avx2", **kw), linear(x, p, b, isa="avx512", **kw)), (rows, cols, m, kw)
+
+
+@needs_gemm
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_fused_epilogue_matches_reference(isa):
+    # the residual is added after the whole sum (exactly as F.linear's output + residual,
+    # up to the GEMM's order), then GELU; ragged tiles go through the same 8-wide code
+    rng = torch.Generator().manual_seed(5)
+    for rows, cols in RAGGED:
+        p = Packed.from_qtensor(make_qt(rows, cols, 3, seed=rows, stats=np.float32, outlier_frac=0.02))
+        b = torch.randn(rows, generator=rng)
+        for m in (1, 6, 9, 13):
+            x = torch.randn(2, m, cols, generator=rng)
+            res = torch.randn(2, m, rows, generator=rng)
+            for kw in ({"residual": res}, {"act": "gelu"}, {"residual": res, "act": "gelu"}):
+                ref = linear_reference(x, p, b, **kw)
+                y = linear(x, p, b, isa=isa, **kw)
+                assert y.shape == ref.shape
+                scale = max(ref.abs().max().item(), 1.0)
+                assert (y - ref).abs().max().item() <= 1e-5 * scale, (rows, cols, m, kw)
+    # a residual that is a strided view is read correctly
+    p = Packed.from_qtensor(make_qt(40, 24, 3))
+    x, big = torch.randn(5, 24), torch.randn(5, 80)
+    assert torch.allclose(linear(x, p, residual=big[:, ::2], isa=isa), linear_reference(x, p, residual=big[:, ::2]), atol=1e-5)
+
+
+@needs_gemm
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_fused_gelu_is_torchs_gelu_to_float32_rounding(isa):
+    # x = 0 makes the output the residual alone, so the GELU sees exactly these values:
+    # zeros, tiny and huge magnitudes, the tails where erf saturates, and a dense sweep
+    values = torch.cat([
+        torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7, 0.5, -0.5, 3.0, -3.0, 5.5, -5.5, 9.0, -9.0, 20.0, -20.0, 100.0, -100.0, 1e4, -1e4, 3e38, -3e38]),
+        torch.linspace(-12, 12, 4001),
+    ])
+    rows = values.numel()
+    p = Packed.from_qtensor(make_qt(rows, 16, 3))
+    y = linear(torch.zeros(1, 16), p, residual=values[None], act="gelu", isa=isa)[0]
+    want = torch.nn.functional.gelu(values.double()).float()
+    err = (y.double() - want.double()).abs() / want.double().abs().clamp(min=1.0)
+    assert err.max().item() <= 1e-6, values[err.argmax()].item()
+    assert torch.isfinite(y).all()
+
+
+@needs_gemm
+def test_reused_output_is_never_shared_with_a_live_tensor():
+    p = Packed.from_qtensor(make_qt(48, 32, 3, seed=2))
+    x1, x2 = torch.randn(4, 32), torch.randn(4, 32)
+    y1 = linear(x1, p, reuse_output=True)
+    want1 = y1.clone()
+    y2 = linear(x2, p, reuse_output=True)  # y1 is alive: a new buffer
+    assert y2.data_ptr() != y1.data_ptr()
+    assert torch.equal(y1, want1) and torch.equal(y2, linear(x2, p))
+    view = y2[1:]
+    del y2
+    y3 = linear(x1, p, reuse_output=True)  # a view of y2 is alive: still not y2's memory
+    assert y3.data_ptr() != view.data_ptr() - view.stride(0) * 4 and torch.equal(y3, want1)
+    ptr = y3.data_ptr()
+    del y3
+    y4 = linear(x2, p, reuse_output=True)  # nothing alive: the buffer comes back
+    assert y4.data_ptr() == ptr and torch.equal(y4, linear(x2, p))
+
+
+def test_epilogue_arguments_are_checked():
+    p = Packed.from_qtensor(make_qt(8, 16, 3))
+    with pytest.raises(ValueError, match="activation"):
+        linear(torch.randn(2, 16), p, act="relu")
+    with pytest.raises(ValueError, match="residual"):
+        linear(torch.randn(2, 16), p, residual=torch.randn(2, 7))
+    with pytest.raises(ValueError, match="kernel"):
+        linear(torch.randn(2, 16), p, isa="sse")
 
 
 @needs_gemm

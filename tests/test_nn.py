@@ -1,8 +1,8 @@
 """gobo.nn: packed modules, the module swap, and gobo.load(..., packed=True) on the real model.
 
 Bound for the packed model: max |last_hidden_state difference| <= 1e-4 against the
-dequantized model (same weights bit for bit, only GEMM tiling differs; observed 0 to ~1e-6
-on 2 cores, with outputs of magnitude ~5).
+dequantized model (same weights bit for bit; only GEMM tiling and the fused GELU's float32
+rounding differ; observed 0 to ~2e-6 on 2 cores, with outputs of magnitude ~5).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import gobo  # noqa: E402
 from gobo import kernels  # noqa: E402
-from gobo.nn import QuantEmbedding, QuantLinear, resident_weight_bytes, swap_modules  # noqa: E402
+from gobo.nn import FusedOutput, QuantEmbedding, QuantLinear, fuse_epilogues, resident_weight_bytes, swap_modules  # noqa: E402
 
 from test_kernels import make_qt  # noqa: E402
 
@@ -87,6 +87,78 @@ def test_swap_modules_by_name_and_shared_weights():
         swap_modules(torch.nn.ModuleDict({"emb": torch.nn.Embedding(11, 6)}), quantized)
 
 
+# ---------------------------------------------------------------------------- epilogue fusion
+
+#: what fuse_epilogues finds in each tiny model of test_quantize (2 layers): BERT-style trees
+#: have a GELU feed-forward and two *Output modules per layer; MPNet's attention output is
+#: added inside MPNetAttention (left alone); DistilBERT's FFN and ALBERT's layer have the GELU
+#: but their residual adds are not in an *Output module; ALBERT's layer is shared, and its
+#: default activation is the tanh approximation ("gelu_new"), which is not fused.
+FUSED = {
+    "bert": {"gelu": 2, "residual": 4},
+    "roberta": {"gelu": 2, "residual": 4},
+    "electra": {"gelu": 2, "residual": 4},
+    "mpnet": {"gelu": 2, "residual": 2},
+    "distilbert": {"gelu": 2, "residual": 0},
+    "albert": {"gelu": 0, "residual": 0},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FUSED))
+def test_fuse_epilogues_on_every_architecture(arch):
+    import copy
+
+    from gobo import GoboConfig
+    from gobo.hf import quantizable_names, state_numpy
+    from gobo.quantizer import quantize_state
+
+    from test_quantize import _tiny_model
+
+    model = _tiny_model(arch)
+    state = state_numpy(model)
+    cm = quantize_state(state, quantizable_names(model), GoboConfig())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in cm.state_dict().items()})
+    packed = copy.deepcopy(model)
+    swap_modules(packed, cm.quantized)
+    unfused = copy.deepcopy(packed)
+    counts = fuse_epilogues(packed)
+    assert counts == FUSED[arch]
+    assert fuse_epilogues(packed) == {"gelu": 0, "residual": 0}  # nothing is fused twice
+    assert sum(isinstance(m, FusedOutput) for m in packed.modules()) == counts["residual"]
+    assert sum(isinstance(m, QuantLinear) and m.act == "gelu" for m in packed.modules()) == counts["gelu"] or arch == "albert"
+    ids = torch.tensor([[1, 5, 17, 42, 99, 3], [2, 8, 64, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = packed(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = unfused(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (got - want).abs().max().item() <= 1e-5
+    assert (plain - want).abs().max().item() <= 1e-5
+    # the state dict is unchanged by the fusion: same names, same tensors
+    assert list(packed.state_dict()) == list(unfused.state_dict())
+    # in training mode the fused outputs apply dropout again, as the originals do
+    packed.train()
+    torch.manual_seed(0)
+    a = packed(input_ids=ids, attention_mask=mask).last_hidden_state
+    unfused.train()
+    torch.manual_seed(0)
+    b = unfused(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fuse_leaves_unknown_activations_and_shapes_alone():
+    net = torch.nn.Module()
+    net.dense = QuantLinear.from_qtensor(make_qt(8, 4, 3))
+    net.intermediate_act_fn = torch.nn.GELU(approximate="tanh")  # not the erf form
+    assert fuse_epilogues(net) == {"gelu": 0, "residual": 0}
+    net.intermediate_act_fn = torch.nn.ReLU()
+    assert fuse_epilogues(net) == {"gelu": 0, "residual": 0}
+    net.intermediate_act_fn = torch.nn.GELU()
+    assert fuse_epilogues(net) == {"gelu": 1, "residual": 0}
+    assert isinstance(net.intermediate_act_fn, torch.nn.Identity) and net.dense.act == "gelu"
+    assert "act=gelu" in repr(net.dense)
+
+
 # ---------------------------------------------------------------------------- real model
 
 
@@ -122,6 +194,14 @@ def test_packed_model_matches_dequantized(default_dir, sentences):
     diff = (got - want).abs().max().item()
     assert diff <= 1e-4, diff
     assert (one - want[:1]).abs().max().item() <= 1e-4
+    # the feed-forward GELUs and the residual adds of the six layers run in the GEMMs
+    n_layers = dense.config.num_hidden_layers
+    assert sum(isinstance(m, QuantLinear) and m.act == "gelu" for m in packed.modules()) == n_layers
+    assert sum(isinstance(m, FusedOutput) for m in packed.modules()) == 2 * n_layers
+    unfused = gobo.load(outdir, packed=True, fuse=False)
+    assert not any(isinstance(m, FusedOutput) for m in unfused.modules())
+    with torch.inference_mode():
+        assert (unfused(**batch).last_hidden_state - want).abs().max().item() <= 1e-4
 
     # every quantized weight is swapped, and no tensor of its full FP32 shape stays resident
     mods = dict(packed.named_modules())

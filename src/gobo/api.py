@@ -173,19 +173,22 @@ def load_compressed(outdir: str | os.PathLike) -> CompressedModel:
     return read_compressed(outdir)
 
 
-def load(outdir: str | os.PathLike, *, packed: bool = False):
+def load(outdir: str | os.PathLike, *, packed: bool = False, fuse: bool = True):
     """A transformers model in eval mode whose weights are the dequantized values.
 
     With ``packed=True`` the quantized weights stay packed in memory: every quantized
     nn.Linear / nn.Embedding is replaced by :class:`gobo.nn.QuantLinear` /
     :class:`gobo.nn.QuantEmbedding`, which decode on the fly (CPU kernels in
-    :mod:`gobo.kernels`); outputs match the dequantized model's.
+    :mod:`gobo.kernels`); outputs match the dequantized model's. There ``fuse`` (default)
+    also folds the feed-forward's GELU and the residual adds before LayerNorms into the
+    packed GEMMs (:func:`gobo.nn.fuse_epilogues`), which matches to float32 rounding;
+    ``fuse=False`` keeps every operation of the original model.
     """
     cm = load_compressed(outdir)
     if packed:
         from .nn import build_packed_model
 
-        return build_packed_model(outdir, cm)
+        return build_packed_model(outdir, cm, fuse=fuse)
     from .hf import build_model
 
     return build_model(outdir, cm.state_dict())

@@ -5,13 +5,16 @@ tensors (:class:`Packed`). Two paths compute the same things:
 
 * reference (pure torch/numpy, always there): dequantize the whole matrix with
   :meth:`QuantizedTensor.dequantize`, then ``F.linear`` or indexing;
-* fast (``gobo._native``, C, AVX2 chosen at run time), two ways:
+* fast (``gobo._native``, C, AVX2 or AVX-512 chosen at run time), two ways:
 
-  - fused (``gobo_qgemm``, csrc/qgemm.c; x86-64 with AVX2 and FMA): the GEMM's own kernel.
-    It decodes 16 rows of codes at a time, bit-identical to ``dequantize()``, and transposes
-    them straight into the panels its 6 x 16 register-blocked inner kernel reads, so decoding
+  - fused (``gobo_qgemm_ex``, csrc/qgemm.c; x86-64 with AVX2 and FMA): the GEMM's own kernel.
+    It decodes 16 rows of codes at a time (32 with AVX-512), bit-identical to
+    ``dequantize()``, and transposes them straight into the panels its register-blocked inner
+    kernel reads (6 x 16 with AVX2, 8 x 32 with AVX-512: :func:`gemm_isa`), so decoding
     replaces the packing copy every GEMM makes. Only a panel block of ``W`` (128 rows) is ever
-    in float32 per thread, and threads split the output features;
+    in float32 per thread, and threads split the output features. An optional epilogue adds
+    a residual and applies GELU to each tile of the output while it is in cache
+    (``linear(..., residual=, act="gelu")``);
   - tiled (elsewhere, or when asked for with ``tile_rows``): decode a tile of rows into a
     float32 scratch buffer and multiply it with ``torch.addmm`` (MKL/oneDNN) straight into
     the tile's columns of the output. The tile is the whole matrix up to
@@ -19,7 +22,9 @@ tensors (:class:`Packed`). Two paths compute the same things:
 
 Both multiply exactly the decoded bits, so the fast and reference outputs differ only by the
 GEMM's summation order (a few float32 ulps). The fused kernel sums every output in one fixed
-order (bias, then k ascending), whatever the batch size or thread count.
+order (bias, then k ascending, then the residual), whatever the batch size, thread count or
+instruction set; its GELU differs from ``torch.nn.functional.gelu`` by float32 rounding only
+(the same erf approximation, within 1.5e-7).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ __all__ = [
     "embedding",
     "embedding_reference",
     "fast_available",
+    "ACTIVATIONS",
+    "gemm_isa",
     "gemm_threads",
     "linear",
     "linear_reference",
@@ -56,6 +63,12 @@ __all__ = [
 #: all-mpnet-base-v2 at batch 32 x 128 tokens (2 threads) 1 MiB tiles ran at 0.83x FP32's speed
 #: while decoding takes 14 ms of a 6.5 s forward pass.
 DEFAULT_TILE_BYTES = 64 * 1024 * 1024
+
+#: activations the fused GEMM can apply to its output (``linear(..., act=)``), by their codes
+#: in csrc/qgemm.c
+ACTIVATIONS = {"gelu": 1}
+#: the fused GEMM's inner kernels (``linear(..., isa=)``), by their codes in csrc/qgemm.c
+_ISAS = {"avx2": 1, "avx512": 2}
 
 
 @dataclass(eq=False)
@@ -153,6 +166,13 @@ def _lib():
     so.gobo_qgemm.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
     ]
+    so.gobo_qgemm_ex.restype = ctypes.c_int
+    so.gobo_qgemm_ex.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+    ]
+    so.gobo_qgemm_isa.restype = ctypes.c_int
+    so.gobo_qgemm_isa.argtypes = []
     so.gobo_qgemm_use_openmp.restype = None
     so.gobo_qgemm_use_openmp.argtypes = [ctypes.c_void_p] * 3
     so.gobo_qgemm_openmp.restype = ctypes.c_int
@@ -170,6 +190,15 @@ def gemm_threads(openmp: bool | None = None) -> str:
     if openmp is not None:
         so.gobo_qgemm_use_openmp(*((_torch_openmp() if openmp else None) or (None, None, None)))
     return "openmp" if so.gobo_qgemm_openmp() else "pool"  # a forked child is back on the pool
+
+
+def gemm_isa() -> str | None:
+    """The fused GEMM's inner kernel on this CPU: ``"avx512"`` (8 x 32, AVX-512F),
+    ``"avx2"`` (6 x 16, AVX2 and FMA), or None (no fused GEMM: the tiled path runs). Every
+    kernel gives the same bits, the fused GELU's included."""
+    if not fast_available():
+        return None
+    return {v: k for k, v in _ISAS.items()}.get(_lib().gobo_qgemm_isa())
 
 
 @lru_cache(maxsize=1)
@@ -319,30 +348,92 @@ def _scratch_buffer(n: int) -> torch.Tensor:
     return buf
 
 
-def linear_reference(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, dequantize(), bias)``: the definition the fast path must match."""
-    return torch.nn.functional.linear(x, p.dequantize(), bias)
+_outputs = threading.local()
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, tile_rows: int | None = None, q: QMat | None = None) -> torch.Tensor:
-    """``y = x W^T + b`` with ``W`` decoded from ``p`` (x: (..., cols) float32).
+def _free(t: torch.Tensor) -> bool:
+    """True when no tensor but ``t`` itself uses ``t``'s storage (no view of it is alive)."""
+    # the storage object asked for here counts once itself
+    return _storage_use_count is not None and _storage_use_count(t.untyped_storage()._cdata) <= 2
+
+
+def _reused_output(n: int) -> torch.Tensor:
+    """``n`` float32 elements from this thread's reusable output buffer when nothing made from
+    it earlier is alive any more, else from a new buffer that becomes the reusable one.
+
+    For outputs that live briefly and are large, such as a feed-forward's hidden activations
+    (4x the model width per token): glibc serves allocations above its mmap threshold (32 MiB
+    at most; 50 MB at batch 32 x 128 tokens of a BERT-base model) from fresh pages every
+    time, which the kernel has to map and zero; a reused buffer skips that."""
+    buf = getattr(_outputs, "buf", None)
+    if buf is not None and buf.numel() >= n and _free(buf):
+        return buf[:n]
+    buf = torch.empty(n, dtype=torch.float32)
+    _outputs.buf = buf
+    return buf[:n]  # a view: the buffer itself is never handed out
+
+
+def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, act: str | None) -> torch.Tensor:
+    if residual is not None:
+        y = y + residual
+    if act == "gelu":
+        y = torch.nn.functional.gelu(y)
+    return y
+
+
+def _check_act(act: str | None) -> None:
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)} or None")
+
+
+def linear_reference(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, residual: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+    """``act(F.linear(x, dequantize(), bias) + residual)``: the definition the fast path must match."""
+    _check_act(act)
+    return _epilogue(torch.nn.functional.linear(x, p.dequantize(), bias), residual, act)
+
+
+def linear(
+    x: torch.Tensor,
+    p: Packed,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    act: str | None = None,
+    isa: str | None = None,
+    reuse_output: bool = False,
+    tile_rows: int | None = None,
+    q: QMat | None = None,
+) -> torch.Tensor:
+    """``act(x W^T + b + residual)`` with ``W`` decoded from ``p`` (x: (..., cols) float32).
 
     By default the fused kernel decodes ``W`` block by block straight into its GEMM panels,
-    on ``torch.get_num_threads()`` threads; ``tile_rows`` (or a CPU without AVX2/FMA) takes
-    the tiled path instead: ``tile_rows`` rows decoded at a time, multiplied by ``torch.addmm``.
-    ``q`` is a cached :func:`_qmat` of ``p`` (the module passes it to skip the checks).
+    on ``torch.get_num_threads()`` threads, and adds ``residual`` (the output's shape) and
+    applies ``act`` (None or ``"gelu"``) to each tile as it finishes; ``isa`` (``"avx2"`` or
+    ``"avx512"``) picks its inner kernel instead of the fastest (:func:`gemm_isa`).
+    ``reuse_output`` writes the output into a per-thread buffer that is reused once every
+    tensor made from it earlier is gone (for large, short-lived outputs).
+    ``tile_rows`` (or a CPU without AVX2/FMA) takes the tiled path instead: ``tile_rows``
+    rows decoded at a time, multiplied by ``torch.addmm``, then the residual and activation
+    in torch. ``q`` is a cached :func:`_qmat` of ``p`` (the module passes it to skip the
+    checks).
     """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    _check_act(act)
+    if isa is not None and isa not in _ISAS:
+        raise ValueError(f"unknown kernel {isa!r}; expected one of {', '.join(_ISAS)} or None")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual))
     if needs_grad or x.dtype != torch.float32 or x.device.type != "cpu" or not fast_available():
-        return linear_reference(x, p, bias)  # the fast paths write into out= buffers: no autograd
+        return linear_reference(x, p, bias, residual=residual, act=act)  # the fast paths write into out= buffers: no autograd
     lead = x.shape[:-1]
     if x.shape[-1] != p.cols:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {p.cols}")
+    if residual is not None and tuple(residual.shape) != (*lead, p.rows):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, the output has {(*lead, p.rows)}")
     x2 = x.reshape(-1, p.cols)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     m, n, k = x2.shape[0], p.rows, p.cols
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = _reused_output(m * n).view(m, n) if reuse_output and residual is None else torch.empty(m, n, dtype=torch.float32)
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
     if q is None:
@@ -351,9 +442,19 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, tile
     if tile_rows is None and simd_enabled():
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != n):
             bias = bias.to(torch.float32).contiguous().reshape(n)
-        rc = _lib().gobo_qgemm(qref, x2.data_ptr(), m, k, y.data_ptr(), n, None if bias is None else bias.data_ptr(), torch.get_num_threads())
+        r2 = None
+        if residual is not None:
+            r2 = residual.reshape(m, n)
+            if r2.dtype != torch.float32 or r2.stride() != (n, 1):
+                r2 = r2.to(torch.float32).contiguous()
+        rc = _lib().gobo_qgemm_ex(
+            qref, x2.data_ptr(), m, k, y.data_ptr(), n, None if bias is None else bias.data_ptr(),
+            None if r2 is None else r2.data_ptr(), n, ACTIVATIONS.get(act, 0), _ISAS.get(isa, 0), torch.get_num_threads(),
+        )
         if rc == 2:
             raise MemoryError("no memory for the GEMM's scratch buffers")
+        if rc == 3 and isa is not None:
+            raise ValueError(f"this CPU cannot run the {isa} kernel")
         if rc:
             raise ValueError("the native GEMM rejected its arguments")
         return y.reshape(*lead, n)
@@ -370,7 +471,7 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, tile
             torch.mm(x2, w.t(), out=y[:, r0:r1])
         else:
             torch.addmm(bias[r0:r1], x2, w.t(), out=y[:, r0:r1])
-    return y.reshape(*lead, n)
+    return _epilogue(y.reshape(*lead, n), residual, act)
 
 
 # ---------------------------------------------------------------------------- embedding

@@ -8,12 +8,17 @@ reuses); an Embedding decodes just the looked-up rows. See :mod:`gobo.kernels`.
 
 Modules are matched to quantized tensors by their state-dict names (``NAME.weight``), so the
 swap works on any module tree without knowing an architecture's layer names.
+
+:func:`fuse_epilogues` then folds what follows a packed Linear into its GEMM where a
+BERT-family layer has the known shape: the GELU after the feed-forward's first matrix, and
+the residual add before the LayerNorm after the second (``BertOutput`` and its copies).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import os
 from typing import Mapping
 
@@ -23,7 +28,7 @@ from torch import nn
 from . import kernels
 from .qtensor import QuantizedTensor
 
-__all__ = ["QuantEmbedding", "QuantLinear", "build_packed_model", "resident_weight_bytes", "swap_modules"]
+__all__ = ["FusedOutput", "QuantEmbedding", "QuantLinear", "build_packed_model", "fuse_epilogues", "resident_weight_bytes", "swap_modules"]
 
 _FIELDS = ("codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value")
 
@@ -84,10 +89,12 @@ class QuantLinear(_Packed):
 
     By default the fused kernel multiplies straight from the codes (:func:`gobo.kernels.linear`);
     ``tile_rows`` asks for the tiled path instead (that many rows of W decoded, then
-    ``torch.addmm``), which is also what CPUs without AVX2/FMA get.
+    ``torch.addmm``), which is also what CPUs without AVX2/FMA get. ``act`` (None or
+    ``"gelu"``) is applied to the output inside the GEMM; ``forward(x, residual)`` adds
+    ``residual`` to the output before it.
     """
 
-    def __init__(self, packed: kernels.Packed, bias: torch.Tensor | None = None, tile_rows: int | None = None):
+    def __init__(self, packed: kernels.Packed, bias: torch.Tensor | None = None, tile_rows: int | None = None, act: str | None = None):
         super().__init__()
         self.in_features, self.out_features = packed.cols, packed.rows
         self._register_packed(packed)
@@ -98,6 +105,11 @@ class QuantLinear(_Packed):
         else:
             self.register_parameter("bias", None)
         self.tile_rows = tile_rows
+        kernels._check_act(act)
+        self.act = act
+        #: write outputs into a reused per-thread buffer (:func:`gobo.kernels.linear`); set by
+        #: :func:`fuse_epilogues` for a feed-forward's hidden activations, which live briefly
+        self.reuse_output = False
 
     @classmethod
     def from_qtensor(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, tile_rows: int | None = None) -> "QuantLinear":
@@ -105,20 +117,23 @@ class QuantLinear(_Packed):
             raise ValueError(f"a linear weight must be 2-D, got shape {qt.shape}")
         return cls(kernels.Packed.from_qtensor(qt), bias, tile_rows)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
         p = self.packed()
         if self.use_reference:
-            return kernels.linear_reference(x, p, self.bias)
-        return kernels.linear(x, p, self.bias, tile_rows=self.tile_rows, q=self._cached_qmat(p))
+            return kernels.linear_reference(x, p, self.bias, residual=residual, act=self.act)
+        return kernels.linear(
+            x, p, self.bias, residual=residual, act=self.act, reuse_output=self.reuse_output, tile_rows=self.tile_rows, q=self._cached_qmat(p)
+        )
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear(x, dequantize(), bias)``: what :meth:`forward` must reproduce."""
-        return kernels.linear_reference(x, self.packed(), self.bias)
+    def forward_reference(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(F.linear(x, dequantize(), bias) + residual)``: what :meth:`forward` must reproduce."""
+        return kernels.linear_reference(x, self.packed(), self.bias, residual=residual, act=self.act)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{self._packed_repr()}" + ("" if self.tile_rows is None else f", tile_rows={self.tile_rows}")
+            + ("" if self.act is None else f", act={self.act}")
         )
 
 
@@ -202,6 +217,84 @@ def swap_modules(model: nn.Module, quantized: Mapping[str, QuantizedTensor], til
     return swapped
 
 
+# ---------------------------------------------------------------------------- epilogue fusion
+
+#: (Linear, activation) attribute pairs of modules whose forward applies the activation to the
+#: Linear's output and to nothing else: the feed-forward of BERT, RoBERTa, ELECTRA and MPNet
+#: (``*Intermediate``), DistilBERT (``FFN``) and ALBERT (``AlbertLayer``)
+_ACT_PAIRS = (("dense", "intermediate_act_fn"), ("lin1", "activation"), ("ffn", "activation"))
+
+
+def _is_exact_gelu(act: nn.Module) -> bool:
+    """True for GELU in its erf form: ``nn.GELU()`` or transformers' ``GELUActivation``."""
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    if type(act).__name__ == "GELUActivation":
+        fn = getattr(act, "act", None)
+        return fn is nn.functional.gelu or getattr(fn, "__name__", "") == "_gelu_python"
+    return False
+
+
+class FusedOutput(nn.Module):
+    """``LayerNorm(dropout(dense(h)) + input)`` (``BertOutput``, ``BertSelfOutput`` and their
+    copies) with the residual add done in the packed GEMM's epilogue. Same submodules and
+    state-dict names as the module it replaces; in training mode with dropout it computes
+    the original way."""
+
+    def __init__(self, dense: QuantLinear, layer_norm: nn.LayerNorm, dropout: nn.Dropout):
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = dense, layer_norm, dropout
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout.p > 0:
+            return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        return self.LayerNorm(self.dense(hidden_states, residual=input_tensor))
+
+
+def _is_residual_output(mod: nn.Module) -> bool:
+    """A module shaped like ``BertOutput``: exactly dense (packed, no activation), LayerNorm and
+    dropout, and ``forward(hidden_states, input_tensor)``."""
+    children = dict(mod.named_children())
+    if set(children) != {"dense", "LayerNorm", "dropout"} or isinstance(mod, FusedOutput):
+        return False
+    if not (isinstance(children["dense"], QuantLinear) and children["dense"].act is None and isinstance(children["LayerNorm"], nn.LayerNorm) and isinstance(children["dropout"], nn.Dropout)):
+        return False
+    try:
+        params = list(inspect.signature(type(mod).forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params == ["self", "hidden_states", "input_tensor"]
+
+
+def fuse_epilogues(model: nn.Module) -> dict[str, int]:
+    """Fold into the packed GEMMs what BERT-family layers do right after them:
+
+    * the erf GELU after a feed-forward's first matrix (the pairs in ``_ACT_PAIRS``): the
+      :class:`QuantLinear` applies it (``act="gelu"``), writing into a reused buffer, and the
+      activation becomes Identity;
+    * the residual add of ``*Output`` modules (dense, dropout, ``LayerNorm(h + input)``):
+      replaced by :class:`FusedOutput`, which passes the input to the GEMM as its residual.
+
+    Anything else is left alone. Outputs match the unfused model's to float32 rounding (the
+    GELU's erf is the same approximation PyTorch vectorises). Returns the counts fused.
+    """
+    counts = {"gelu": 0, "residual": 0}
+    for name, mod in list(model.named_modules()):
+        for lin_name, act_name in _ACT_PAIRS:
+            lin, act = getattr(mod, lin_name, None), getattr(mod, act_name, None)
+            if isinstance(lin, QuantLinear) and lin.act is None and isinstance(act, nn.Module) and _is_exact_gelu(act):
+                lin.act = "gelu"
+                lin.reuse_output = True
+                setattr(mod, act_name, nn.Identity())
+                counts["gelu"] += 1
+        if name and _is_residual_output(mod):
+            fused = FusedOutput(mod.dense, mod.LayerNorm, mod.dropout)
+            fused.train(mod.training)
+            _set_submodule(model, name, fused)
+            counts["residual"] += 1
+    return counts
+
+
 def resident_weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer of ``model`` (shared tensors counted once)."""
     seen: set[tuple[int, int]] = set()
@@ -244,12 +337,13 @@ def _parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def build_packed_model(outdir: str | os.PathLike, cm, tile_rows: int | None = None):
+def build_packed_model(outdir: str | os.PathLike, cm, tile_rows: int | None = None, fuse: bool = True):
     """A transformers model from ``outdir``'s config with quantized weights kept packed.
 
     ``cm`` is the :class:`gobo.quantizer.CompressedModel` read from ``outdir``. Every tensor
     of the model must come from ``cm`` (dense ones as they are), else ValueError. The model is
-    in eval mode with every parameter frozen (``requires_grad=False``).
+    in eval mode with every parameter frozen (``requires_grad=False``). ``fuse`` folds GELUs
+    and residual adds into the GEMMs (:func:`fuse_epilogues`).
     """
     from transformers import AutoModel
 
@@ -273,4 +367,6 @@ def build_packed_model(outdir: str | os.PathLike, cm, tile_rows: int | None = No
     # an inference model: packed weights cannot be trained, and frozen parameters keep plain
     # forward calls (outside torch.no_grad) on the fast kernels
     model.requires_grad_(False)
+    if fuse:
+        fuse_epilogues(model)
     return model.eval()

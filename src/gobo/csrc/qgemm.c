@@ -1,19 +1,23 @@
-/* gobo CPU GEMM on packed weights: y = x W^T + bias, W (N x K) held as b-bit codes.
+/* gobo CPU GEMM on packed weights: y = act(x W^T + bias + residual), W (N x K) held as b-bit codes.
  *
- * A GEMM copies blocks of its right-hand matrix into "panels" (here: 16 output features
+ * A GEMM copies blocks of its right-hand matrix into "panels" (here: NR output features
  * side by side for every k) so that its inner kernel reads them contiguously. This one never
- * holds W in float32: it decodes each block of 16 rows of codes straight into its panel (the
+ * holds W in float32: it decodes each block of NR rows of codes straight into its panel (the
  * same bits as QuantizedTensor.dequantize()), so the decoding takes the place of the packing
  * copy. Codes of up to 4 bits with K a multiple of 8 (every BERT-family matrix) are looked up
  * eight per row and transposed in registers (decode_panel); other widths and shapes go through
- * gobo_decode_rows and a transposing copy. The inner kernel multiplies 6 rows of x by
- * one panel slice of 512 k's into 6 x 16 accumulators (12 AVX2 registers, fused
- * multiply-adds), the classic register blocking of BLIS/GotoBLAS.
+ * gobo_decode_rows and a transposing copy. The inner kernel multiplies MR rows of x by one
+ * panel slice of KC k's into MR x NR accumulators, the classic register blocking of
+ * BLIS/GotoBLAS: 6 x 16 in 12 AVX2 registers, or, where the CPU has AVX-512, 8 x 32 in 16
+ * of its 32 registers (half the instructions per multiply-add; on cores that split 512-bit
+ * operations in two, such as AMD Zen 4, the gain is in the front end, not the FMA units).
  *
- * Every output is summed in the same order (bias, then k = 0, 1, ...) whatever the thread
- * count or batch size, so the result does not depend on either. Threads split the output
- * features (each decodes only its own rows) and come from a small pool of POSIX threads
- * created on first use; idle workers sleep on a condition variable.
+ * Every output is summed in the same order (bias, then k = 0, 1, ..., then the residual)
+ * whatever the thread count, batch size or instruction set, so the result depends on none of
+ * them. The optional epilogue (residual add, then GELU) runs on each tile of y right after
+ * its last block of k, while the tile is in L1. Threads split the output features (each
+ * decodes only its own rows) and come from the host's OpenMP team or a small pool of POSIX
+ * threads created on first use; idle workers sleep on a condition variable.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -31,11 +35,15 @@
 #define QG_X86 0
 #endif
 
-#define MR 6
-#define NR 16
-#define KC 512
-#define NC 128
-#define MC 96 /* rows of x per L2 block, a multiple of MR */
+#ifndef KC
+#define KC 384 /* k's per panel slice: K = 768 and 3072 split evenly */
+#endif
+#define NC 128 /* output features decoded per block, a multiple of both NRs */
+#ifndef MC
+#define MC 96  /* rows of x per L2 block, a multiple of both MRs */
+#endif
+#define MR_MAX 8
+#define NR_MAX 32
 #define MAX_THREADS 64
 
 typedef struct {
@@ -45,32 +53,40 @@ typedef struct {
     float *y;       /* m x N, row stride ldy */
     int64_t ldy;
     const float *bias; /* N or NULL */
-    int64_t n_per;  /* output features per thread, a multiple of NR */
+    const float *res;  /* m x N, row stride ldres, or NULL: added after the sum */
+    int64_t ldres;
+    int act;           /* GOBO_ACT_* applied last */
+    int isa;           /* QG_AVX2 or QG_AVX512 */
+    int64_t n_per;  /* output features per thread, a multiple of the panel width */
     int nthreads;
     int status[MAX_THREADS];
 } qg_job;
 
+enum { QG_AVX2 = 1, QG_AVX512 = 2 };
+enum { GOBO_ACT_NONE = 0, GOBO_ACT_GELU = 1 };
+
 #if QG_X86
 #define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx2,fma,avx512f")))
+#define INLINE static inline __attribute__((always_inline))
 
 /* C[6 x 16] (row stride ldc) = init or C, + A * B over kc steps. A: six rows of x, row i at
  * A + i * lda, one float per k; B: a panel slice, 16 floats per k */
-static inline __attribute__((always_inline)) AVX2 void kernel_6x16(int64_t kc, const float *A, int64_t lda, const float *B,
-                                                                    float *C, int64_t ldc, const float *init, int accum) {
-    __m256 c[MR][2];
+INLINE AVX2 void kernel_6x16(int64_t kc, const float *A, int64_t lda, const float *B, float *C, int64_t ldc, const float *init, int accum) {
+    __m256 c[6][2];
     if (accum) {
-        for (int i = 0; i < MR; ++i) {
+        for (int i = 0; i < 6; ++i) {
             c[i][0] = _mm256_loadu_ps(C + i * ldc);
             c[i][1] = _mm256_loadu_ps(C + i * ldc + 8);
         }
     } else {
         const __m256 z0 = init ? _mm256_loadu_ps(init) : _mm256_setzero_ps();
         const __m256 z1 = init ? _mm256_loadu_ps(init + 8) : _mm256_setzero_ps();
-        for (int i = 0; i < MR; ++i) { c[i][0] = z0; c[i][1] = z1; }
+        for (int i = 0; i < 6; ++i) { c[i][0] = z0; c[i][1] = z1; }
     }
     const float *a0 = A, *a1 = A + lda, *a2 = A + 2 * lda, *a3 = A + 3 * lda, *a4 = A + 4 * lda, *a5 = A + 5 * lda;
 #pragma GCC unroll 4
-    for (int64_t k = 0; k < kc; ++k, B += NR) {
+    for (int64_t k = 0; k < kc; ++k, B += 16) {
         const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
         __m256 a;
         a = _mm256_broadcast_ss(a0 + k); c[0][0] = _mm256_fmadd_ps(a, b0, c[0][0]); c[0][1] = _mm256_fmadd_ps(a, b1, c[0][1]);
@@ -80,22 +96,110 @@ static inline __attribute__((always_inline)) AVX2 void kernel_6x16(int64_t kc, c
         a = _mm256_broadcast_ss(a4 + k); c[4][0] = _mm256_fmadd_ps(a, b0, c[4][0]); c[4][1] = _mm256_fmadd_ps(a, b1, c[4][1]);
         a = _mm256_broadcast_ss(a5 + k); c[5][0] = _mm256_fmadd_ps(a, b0, c[5][0]); c[5][1] = _mm256_fmadd_ps(a, b1, c[5][1]);
     }
-    for (int i = 0; i < MR; ++i) {
+    for (int i = 0; i < 6; ++i) {
         _mm256_storeu_ps(C + i * ldc, c[i][0]);
         _mm256_storeu_ps(C + i * ldc + 8, c[i][1]);
     }
 }
 
+/* the same with AVX-512: C[8 x 32], B 32 floats per k, 16 accumulators */
+INLINE AVX512 void kernel_8x32(int64_t kc, const float *A, int64_t lda, const float *B, float *C, int64_t ldc, const float *init, int accum) {
+    __m512 c[8][2];
+    if (accum) {
+        for (int i = 0; i < 8; ++i) {
+            c[i][0] = _mm512_loadu_ps(C + i * ldc);
+            c[i][1] = _mm512_loadu_ps(C + i * ldc + 16);
+        }
+    } else {
+        const __m512 z0 = init ? _mm512_loadu_ps(init) : _mm512_setzero_ps();
+        const __m512 z1 = init ? _mm512_loadu_ps(init + 16) : _mm512_setzero_ps();
+        for (int i = 0; i < 8; ++i) { c[i][0] = z0; c[i][1] = z1; }
+    }
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < kc; ++k, B += 32) {
+        const __m512 b0 = _mm512_load_ps(B), b1 = _mm512_load_ps(B + 16);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+            const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+            c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
+            c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < 8; ++i) {
+        _mm512_storeu_ps(C + i * ldc, c[i][0]);
+        _mm512_storeu_ps(C + i * ldc + 16, c[i][1]);
+    }
+}
+
+/* ------------------------------------------------------------------------- epilogue */
+
+/* exp(x) for x <= 0 (Cephes' expf: Cody-Waite reduction by ln 2 and a degree-6
+ * polynomial, within 2 ulp); below -87 the result is 0 */
+INLINE AVX2 __m256 exp_neg8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz and Stegun 7.1.26 (absolute
+ * error below 1.5e-7), the formula PyTorch's vectorised erf uses */
+INLINE AVX2 __m256 gelu8(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+    const __m256 s = _mm256_and_ps(sign, z), a = _mm256_xor_ps(s, z);
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+    __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+    const __m256 e = exp_neg8(_mm256_xor_ps(sign, _mm256_mul_ps(z, z)));
+    const __m256 erf_abs = _mm256_fnmadd_ps(_mm256_mul_ps(e, t), r, one);
+    const __m256 erf = _mm256_xor_ps(s, erf_abs);
+    return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(one, erf));
+}
+
+/* one row of n values of y: += residual, then the activation. Eight at a time; the last
+ * few through a padded copy, so that every value gets the same arithmetic wherever it is */
+static AVX2 void epilogue_row(float *y, int64_t n, const float *res, int act) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(y + i);
+        if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res + i));
+        if (act == GOBO_ACT_GELU) v = gelu8(v);
+        _mm256_storeu_ps(y + i, v);
+    }
+    if (i < n) {
+        float tmp[8] = {0}, rt[8] = {0};
+        memcpy(tmp, y + i, sizeof(float) * (size_t)(n - i));
+        if (res) memcpy(rt, res + i, sizeof(float) * (size_t)(n - i));
+        __m256 v = _mm256_loadu_ps(tmp);
+        if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(rt));
+        if (act == GOBO_ACT_GELU) v = gelu8(v);
+        _mm256_storeu_ps(tmp, v);
+        memcpy(y + i, tmp, sizeof(float) * (size_t)(n - i));
+    }
+}
+
 /* the last, ragged rows of x [0, mr) x [0, kc) (row stride ldx) copied into a zero-padded
  * MR x kc block (row stride kc) */
-static void pad_a(const float *x, int64_t ldx, int64_t mr, int64_t kc, float *ap) {
+static void pad_a(const float *x, int64_t ldx, int64_t mr, int64_t kc, float *ap, int MR) {
     memset(ap, 0, sizeof(float) * (size_t)(MR * kc));
     for (int64_t i = 0; i < mr; ++i) memcpy(ap + i * kc, x + i * ldx, sizeof(float) * (size_t)kc);
 }
 
 /* 8 x 8 transpose in registers: v[i] (eight k's of row i) -> eight panel rows of 8 floats at
- * p, p + NR, ... (the half of a 16-wide panel row that rows i belong to) */
-static inline __attribute__((always_inline)) AVX2 void store_8x8_transposed(__m256 *v, float *p) {
+ * p, p + NR, ... (the eighth of an NR-wide panel row that rows i belong to) */
+INLINE AVX2 void store_8x8_transposed(__m256 *v, float *p, const int NR) {
     __m256 u0 = _mm256_unpacklo_ps(v[0], v[1]), u1 = _mm256_unpackhi_ps(v[0], v[1]), u2 = _mm256_unpacklo_ps(v[2], v[3]), u3 = _mm256_unpackhi_ps(v[2], v[3]);
     __m256 u4 = _mm256_unpacklo_ps(v[4], v[5]), u5 = _mm256_unpackhi_ps(v[4], v[5]), u6 = _mm256_unpacklo_ps(v[6], v[7]), u7 = _mm256_unpackhi_ps(v[6], v[7]);
     __m256 w0 = _mm256_shuffle_ps(u0, u2, 0x44), w1 = _mm256_shuffle_ps(u0, u2, 0xEE), w2 = _mm256_shuffle_ps(u1, u3, 0x44), w3 = _mm256_shuffle_ps(u1, u3, 0xEE);
@@ -110,20 +214,20 @@ static inline __attribute__((always_inline)) AVX2 void store_8x8_transposed(__m2
     _mm256_store_ps(p + 7 * NR, _mm256_permute2f128_ps(w3, w7, 0x31));
 }
 
-/* The panel (K x 16) of rows [r0, r0 + nr), nr <= 16, decoded straight from the codes, for
+/* The panel (K x NR) of rows [r0, r0 + nr), nr <= NR, decoded straight from the codes, for
  * b <= 4 and K a multiple of 8: every row then starts on a byte, eight of its codes are b
  * bytes, and each row's 2**b decoded values fit one (b <= 3) or two registers. For every
- * eight k's, eight codes of each of the 16 rows are looked up through the row's own table and
- * each half of the panel rows (8 x 8) is transposed in registers, so every 64-byte panel row
- * is written whole. Rows past nr come out zero; the outliers of the rows are written in
+ * eight k's, eight codes of each of the NR rows are looked up through the row's own table and
+ * each eighth of the panel rows (8 x 8) is transposed in registers, so every panel row is
+ * written whole. Rows past nr come out zero; the outliers of the rows are written in
  * afterwards. The same bits as gobo_decode_rows, without its row buffer. */
-static inline __attribute__((always_inline)) AVX2 void decode_panel_b(const gobo_qmat *q, int64_t r0, int64_t nr, float *panel, const int b) {
+INLINE AVX2 void decode_panel_b(const gobo_qmat *q, int64_t r0, int64_t nr, float *panel, const int b, const int NR) {
     const int64_t K = q->cols;
     const int64_t row_bytes = K / 8 * b;
     const __m256i mask = _mm256_set1_epi32((1 << b) - 1);
     const __m256i sh = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
-    float lut[NR][16] __attribute__((aligned(32)));
-    const uint8_t *p[NR];
+    float lut[NR_MAX][16] __attribute__((aligned(32)));
+    const uint8_t *p[NR_MAX];
     for (int i = 0; i < NR; ++i) {
         const int64_t r = r0 + i;
         memset(lut[i], 0, sizeof lut[i]);
@@ -132,7 +236,7 @@ static inline __attribute__((always_inline)) AVX2 void decode_panel_b(const gobo
     }
     float *dst = panel;
     for (int64_t kb = 0; kb < K / 8; ++kb, dst += 8 * NR) {
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < NR / 8; ++h) {
             __m256 v[8];
             for (int i = 0; i < 8; ++i) {
                 const int row = 8 * h + i;
@@ -150,7 +254,7 @@ static inline __attribute__((always_inline)) AVX2 void decode_panel_b(const gobo
                     v[i] = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
                 }
             }
-            store_8x8_transposed(v, dst + 8 * h);
+            store_8x8_transposed(v, dst + 8 * h, NR);
         }
     }
     if (q->n_outliers) {
@@ -164,30 +268,30 @@ static inline __attribute__((always_inline)) AVX2 void decode_panel_b(const gobo
     }
 }
 
-static AVX2 void decode_panel(const gobo_qmat *q, int64_t r0, int64_t nr, float *panel) {
+INLINE AVX2 void decode_panel(const gobo_qmat *q, int64_t r0, int64_t nr, float *panel, const int NR) {
     switch (q->bits) {
-        case 1: decode_panel_b(q, r0, nr, panel, 1); break;
-        case 2: decode_panel_b(q, r0, nr, panel, 2); break;
-        case 3: decode_panel_b(q, r0, nr, panel, 3); break;
-        default: decode_panel_b(q, r0, nr, panel, 4); break;
+        case 1: decode_panel_b(q, r0, nr, panel, 1, NR); break;
+        case 2: decode_panel_b(q, r0, nr, panel, 2, NR); break;
+        case 3: decode_panel_b(q, r0, nr, panel, 3, NR); break;
+        default: decode_panel_b(q, r0, nr, panel, 4, NR); break;
     }
 }
 
-/* panel (k x 16, contiguous) = transpose of rows (16 x K, stride K), columns [0, K) */
-static AVX2 void transpose_16xk(const float *rows, int64_t K, float *panel) {
+/* panel (k x NR, contiguous) = transpose of rows (NR x K, stride K), columns [0, K) */
+INLINE AVX2 void transpose_rows(const float *rows, int64_t K, float *panel, const int NR) {
     int64_t k = 0;
     for (; k + 8 <= K; k += 8)
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < NR / 8; ++h) {
             const float *r = rows + (int64_t)(8 * h) * K + k;
             __m256 v[8];
             for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(r + i * K);
-            store_8x8_transposed(v, panel + k * NR + 8 * h);
+            store_8x8_transposed(v, panel + k * NR + 8 * h, NR);
         }
     for (; k < K; ++k)
         for (int j = 0; j < NR; ++j) panel[k * NR + j] = rows[(int64_t)j * K + k];
 }
 
-/* per-thread scratch: panels (NC x K), 16 decoded rows (16 x K), a padded strip of A, an edge tile of C */
+/* per-thread scratch: panels (NC x K), NR decoded rows (NR x K), a padded strip of A, an edge tile of C */
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 typedef struct { float *buf; int64_t cap; } qg_scratch;
@@ -210,34 +314,36 @@ static float *scratch(int64_t n) {
     return s->buf;
 }
 
-/* output features [n_lo, n_hi) of the job */
-static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
+/* output features [n_lo, n_hi) of the job, with an MR x NR kernel (6 x 16: AVX2, 8 x 32: AVX-512) */
+INLINE AVX2 int run_part_t(const qg_job *j, int64_t n_lo, int64_t n_hi, const int MR, const int NR,
+                           void (*kernel)(int64_t, const float *, int64_t, const float *, float *, int64_t, const float *, int)) {
     const gobo_qmat *q = j->q;
     const int64_t K = q->cols, M = j->m;
     const int64_t kpad = (K + 7) / 8 * 8;
-    float *buf = scratch(NC * kpad + NR * kpad + MR * KC + MR * NR + NR);
+    float *buf = scratch(NC * kpad + NR_MAX * kpad + MR_MAX * KC + MR_MAX * NR_MAX + NR_MAX);
     if (!buf) return 2;
     const int direct = q->bits <= 4 && K % 8 == 0; /* decode_panel applies */
-    float *panels = buf, *rows = panels + NC * kpad, *apad = rows + NR * kpad, *ctmp = apad + MR * KC, *itmp = ctmp + MR * NR;
+    const int epilogue = j->res || j->act;
+    float *panels = buf, *rows = panels + NC * kpad, *apad = rows + NR_MAX * kpad, *ctmp = apad + MR_MAX * KC, *itmp = ctmp + MR_MAX * NR_MAX;
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += NC) {
         const int64_t nc = n_hi - n0 < NC ? n_hi - n0 : NC;
         const int64_t np = (nc + NR - 1) / NR;
         for (int64_t p = 0; p < np; ++p) {
             const int64_t r0 = n0 + p * NR, r1 = r0 + NR < n0 + nc ? r0 + NR : n0 + nc;
             if (direct) {
-                decode_panel(q, r0, r1 - r0, panels + p * kpad * NR);
+                decode_panel(q, r0, r1 - r0, panels + p * kpad * NR, NR);
                 continue;
             }
             if (gobo_decode_rows(q, r0, r1, rows, K, 1)) return 1;
             if (r1 - r0 < NR) memset(rows + (r1 - r0) * K, 0, sizeof(float) * (size_t)((NR - (r1 - r0)) * K));
-            transpose_16xk(rows, K, panels + p * kpad * NR);
+            transpose_rows(rows, K, panels + p * kpad * NR, NR);
         }
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int64_t kc = K - k0 < KC ? K - k0 : KC;
-            const int accum = k0 > 0;
+            const int accum = k0 > 0, last = k0 + kc == K;
             for (int64_t mc0 = 0; mc0 < M; mc0 += MC) { /* MC rows of x stay in L2 ... */
                 const int64_t mend = M - mc0 < MC ? M : mc0 + MC;
-                for (int64_t p = 0; p < np; ++p) { /* ... while one panel slice stays in L1 */
+                for (int64_t p = 0; p < np; ++p) { /* ... while one panel slice stays near L1 */
                     const int64_t c0 = n0 + p * NR;
                     const int64_t ncol = n0 + nc - c0 < NR ? n0 + nc - c0 : NR;
                     const float *B = panels + p * kpad * NR + k0 * NR;
@@ -245,7 +351,7 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
                     if (!accum && j->bias) {
                         if (ncol == NR) init = j->bias + c0;
                         else {
-                            memset(itmp, 0, sizeof(float) * NR);
+                            memset(itmp, 0, sizeof(float) * NR_MAX);
                             memcpy(itmp, j->bias + c0, sizeof(float) * (size_t)ncol);
                             init = itmp;
                         }
@@ -261,21 +367,24 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
                                     _mm_prefetch((const char *)(Cn + i * j->ldy + NR - 1), _MM_HINT_T0);
                                 }
                             }
-                            kernel_6x16(kc, j->x + m0 * j->ldx + k0, j->ldx, B, C, j->ldy, init, accum);
-                            continue;
+                            kernel(kc, j->x + m0 * j->ldx + k0, j->ldx, B, C, j->ldy, init, accum);
+                        } else {
+                            /* edge tile: ragged rows through a zero-padded copy, columns through a buffer */
+                            const float *A = j->x + m0 * j->ldx + k0;
+                            int64_t lda = j->ldx;
+                            if (mr < MR) {
+                                pad_a(A, j->ldx, mr, kc, apad, MR);
+                                A = apad;
+                                lda = kc;
+                            }
+                            if (accum)
+                                for (int64_t i = 0; i < mr; ++i) memcpy(ctmp + i * NR, C + i * j->ldy, sizeof(float) * (size_t)ncol);
+                            kernel(kc, A, lda, B, ctmp, NR, init, accum);
+                            for (int64_t i = 0; i < mr; ++i) memcpy(C + i * j->ldy, ctmp + i * NR, sizeof(float) * (size_t)ncol);
                         }
-                        /* edge tile: ragged rows through a zero-padded copy, columns through a buffer */
-                        const float *A = j->x + m0 * j->ldx + k0;
-                        int64_t lda = j->ldx;
-                        if (mr < MR) {
-                            pad_a(A, j->ldx, mr, kc, apad);
-                            A = apad;
-                            lda = kc;
-                        }
-                        if (accum)
-                            for (int64_t i = 0; i < mr; ++i) memcpy(ctmp + i * NR, C + i * j->ldy, sizeof(float) * (size_t)ncol);
-                        kernel_6x16(kc, A, lda, B, ctmp, NR, init, accum);
-                        for (int64_t i = 0; i < mr; ++i) memcpy(C + i * j->ldy, ctmp + i * NR, sizeof(float) * (size_t)ncol);
+                        if (last && epilogue)
+                            for (int64_t i = 0; i < mr; ++i)
+                                epilogue_row(C + i * j->ldy, ncol, j->res ? j->res + (m0 + i) * j->ldres + c0 : NULL, j->act);
                     }
                 }
             }
@@ -284,8 +393,28 @@ static AVX2 int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) {
     return 0;
 }
 
+static AVX2 void kernel_avx2(int64_t kc, const float *A, int64_t lda, const float *B, float *C, int64_t ldc, const float *init, int accum) {
+    kernel_6x16(kc, A, lda, B, C, ldc, init, accum);
+}
+static AVX512 void kernel_avx512(int64_t kc, const float *A, int64_t lda, const float *B, float *C, int64_t ldc, const float *init, int accum) {
+    kernel_8x32(kc, A, lda, B, C, ldc, init, accum);
+}
+static AVX2 int run_part_avx2(const qg_job *j, int64_t lo, int64_t hi) { return run_part_t(j, lo, hi, 6, 16, kernel_avx2); }
+static AVX512 int run_part_avx512(const qg_job *j, int64_t lo, int64_t hi) { return run_part_t(j, lo, hi, 8, 32, kernel_avx512); }
+static int run_part(const qg_job *j, int64_t lo, int64_t hi) { return j->isa == QG_AVX512 ? run_part_avx512(j, lo, hi) : run_part_avx2(j, lo, hi); }
+
+static int have_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = gobo_kernels_simd() && __builtin_cpu_supports("avx512f");
+    }
+    return cached;
+}
+
 #else
 static int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) { (void)j; (void)n_lo; (void)n_hi; return 3; }
+static int have_avx512(void) { return 0; }
 #endif
 
 static void run_thread(qg_job *j, int t) {
@@ -393,24 +522,39 @@ static int grow_pool(int want) {
 
 /* ------------------------------------------------------------------------- entry points */
 
-/* y (m x rows, row stride ldy) = x (m x cols, row stride ldx) W^T + bias, with W decoded from
- * q, on up to nthreads threads. Returns 0; 1 on bad arguments; 2 when out of memory; 3 when
- * this CPU lacks AVX2/FMA, which gobo_kernels_simd() tells beforehand (the caller computes
- * another way). */
-GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias, int32_t nthreads) {
+/* 2 when gobo_qgemm_ex's default kernel is the AVX-512 one, 1 when it is the AVX2 one, 0 when
+ * neither runs on this CPU */
+GOBO_API int gobo_qgemm_isa(void) { return have_avx512() ? QG_AVX512 : (gobo_kernels_simd() ? QG_AVX2 : 0); }
+
+/* y (m x rows, row stride ldy) = act(x (m x cols, row stride ldx) W^T + bias + res), with W
+ * decoded from q, on up to nthreads threads. bias (rows values) and res (m x rows, row stride
+ * ldres) may be NULL; act is 0 (none) or 1 (GELU, erf form); isa is 0 (the fastest this CPU
+ * runs), 1 (AVX2) or 2 (AVX-512): all give the same bits but GELU's, which are the same for
+ * a given isa. Returns 0; 1 on bad arguments; 2 when out of memory; 3 when this CPU lacks
+ * AVX2/FMA (gobo_kernels_simd() tells beforehand: the caller computes another way) or the
+ * asked-for isa. */
+GOBO_API int gobo_qgemm_ex(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias,
+                           const float *res, int64_t ldres, int32_t act, int32_t isa, int32_t nthreads) {
     if (!gobo_kernels_simd()) return 3;
-    if (gobo_qmat_check(q) || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows) return 1;
+    if (isa == 0) isa = gobo_qgemm_isa();
+    if ((isa == QG_AVX512 && !have_avx512()) || (isa != QG_AVX2 && isa != QG_AVX512)) return 3;
+    if (gobo_qmat_check(q) || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || (res && ldres < q->rows) || act < 0 || act > GOBO_ACT_GELU) return 1;
     if (m == 0 || q->rows == 0) return 0;
     if (q->cols == 0) { /* an empty sum: the bias alone */
-        for (int64_t i = 0; i < m; ++i)
+        for (int64_t i = 0; i < m; ++i) {
             for (int64_t n = 0; n < q->rows; ++n) y[i * ldy + n] = bias ? bias[n] : 0.0f;
+#if QG_X86
+            if (res || act) epilogue_row(y + i * ldy, q->rows, res ? res + i * ldres : NULL, act);
+#endif
+        }
         return 0;
     }
-    qg_job j = {.q = q, .x = x, .m = m, .ldx = ldx, .y = y, .ldy = ldy, .bias = bias};
-    const int64_t panels = (q->rows + NR - 1) / NR;
+    const int nr = isa == QG_AVX512 ? 32 : 16;
+    qg_job j = {.q = q, .x = x, .m = m, .ldx = ldx, .y = y, .ldy = ldy, .bias = bias, .res = res, .ldres = ldres, .act = act, .isa = isa};
+    const int64_t panels = (q->rows + nr - 1) / nr;
     int t = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
     if (t > panels) t = (int)panels;
-    j.n_per = (panels + t - 1) / t * NR;
+    j.n_per = (panels + t - 1) / t * nr;
     j.nthreads = (int)((q->rows + j.n_per - 1) / j.n_per);
     if (j.nthreads <= 1) {
         run_thread(&j, 0);
@@ -424,7 +568,7 @@ GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t l
         pthread_mutex_lock(&pool_mu);
         if (grow_pool(j.nthreads - 1) < j.nthreads - 1) j.nthreads = pool_size + 1;
         if (j.nthreads > 1) {
-            j.n_per = (panels + j.nthreads - 1) / j.nthreads * NR;
+            j.n_per = (panels + j.nthreads - 1) / j.nthreads * nr;
             pool_job = &j;
             pool_pending = pool_size;
             ++pool_gen;
@@ -440,4 +584,9 @@ GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t l
     for (int i = 0; i < j.nthreads; ++i)
         if (j.status[i]) return j.status[i];
     return 0;
+}
+
+/* gobo_qgemm_ex without residual or activation, on the fastest kernel */
+GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias, int32_t nthreads) {
+    return gobo_qgemm_ex(q, x, m, ldx, y, ldy, bias, NULL, 0, 0, 0, nthreads);
 }
