@@ -316,6 +316,13 @@ def _keep_torchao_out() -> None:
             mod.is_torchao_available = lambda *a, **k: False
 
 
+def _gemm_isa() -> str | None:
+    """The packed GEMM's inner kernel on this CPU (``avx512``, ``avx2``, or None: tiled path)."""
+    from gobo import kernels
+
+    return kernels.gemm_isa()
+
+
 def _inputs(vocab: int, batch: int, seq: int):
     import torch
 
@@ -583,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": args.threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "gobo_gemm_kernel": _gemm_isa(),
             "peer_packages": _peer_versions(),
         },
         "shapes": shapes,
