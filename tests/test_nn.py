@@ -158,6 +158,22 @@ def test_fuse_leaves_unknown_activations_and_shapes_alone():
     assert isinstance(net.intermediate_act_fn, torch.nn.Identity) and net.dense.act == "gelu"
     assert "act=gelu" in repr(net.dense)
 
+    # an *Output-shaped module that computes something else (here: no residual inside the
+    # LayerNorm) is not replaced
+    class PreNormOutput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = QuantLinear.from_qtensor(make_qt(8, 4, 3))
+            self.LayerNorm = torch.nn.LayerNorm(8)
+            self.dropout = torch.nn.Dropout(0.1)
+
+        def forward(self, hidden_states, input_tensor):
+            return self.LayerNorm(self.dropout(self.dense(hidden_states))) + input_tensor
+
+    holder = torch.nn.Sequential(PreNormOutput())
+    assert fuse_epilogues(holder) == {"gelu": 0, "residual": 0}
+    assert isinstance(holder[0], PreNormOutput)
+
 
 # ---------------------------------------------------------------------------- real model
 

@@ -253,7 +253,8 @@ class FusedOutput(nn.Module):
 
 def _is_residual_output(mod: nn.Module) -> bool:
     """A module shaped like ``BertOutput``: exactly dense (packed, no activation), LayerNorm and
-    dropout, and ``forward(hidden_states, input_tensor)``."""
+    dropout, ``forward(hidden_states, input_tensor)``, and the output of
+    ``LayerNorm(dense(hidden_states) + input_tensor)`` on a random input."""
     children = dict(mod.named_children())
     if set(children) != {"dense", "LayerNorm", "dropout"} or isinstance(mod, FusedOutput):
         return False
@@ -263,7 +264,23 @@ def _is_residual_output(mod: nn.Module) -> bool:
         params = list(inspect.signature(type(mod).forward).parameters)
     except (TypeError, ValueError):
         return False
-    return params == ["self", "hidden_states", "input_tensor"]
+    if params != ["self", "hidden_states", "input_tensor"]:
+        return False
+    # and it computes LayerNorm(dense(h) + input): checked on two random tokens, in eval mode
+    dense = children["dense"]
+    gen = torch.Generator().manual_seed(0)
+    h, inp = torch.randn(1, 2, dense.in_features, generator=gen), torch.randn(1, 2, dense.out_features, generator=gen)
+    was_training = mod.training
+    mod.eval()
+    try:
+        with torch.no_grad():
+            want = mod(h, inp)
+            got = mod.LayerNorm(dense(h, residual=inp))
+    except Exception:  # noqa: BLE001  (a forward that does not take these inputs is not one)
+        return False
+    finally:
+        mod.train(was_training)
+    return isinstance(want, torch.Tensor) and want.shape == got.shape and bool(torch.allclose(want, got, rtol=1e-4, atol=1e-5))
 
 
 def fuse_epilogues(model: nn.Module) -> dict[str, int]:
