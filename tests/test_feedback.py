@@ -3,6 +3,7 @@ weights and real critic snippets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -135,6 +136,17 @@ def test_quantize_with_act_outliers_measures_synthetic_inputs():
         quantize_state({LAYER: np.ones((4, 4), np.float32)}, [LAYER], cfg)
 
 
+def test_synthetic_seed_draws_other_sentences_for_the_energies():
+    base = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.005, act_texts=8)
+    one = gobo.quantize("minilm-l6", base, **SLICE)
+    other = gobo.quantize("minilm-l6", dataclasses.replace(base, synthetic_seed=3), **SLICE)
+    same = gobo.quantize("minilm-l6", dataclasses.replace(base, synthetic_seed=3), **SLICE)
+    idx = lambda cm: {n: q.outlier_index for n, q in cm.quantized.items()}  # noqa: E731
+    assert any(not np.array_equal(i, idx(other)[n]) for n, i in idx(one).items())  # other sentences, other outliers
+    assert all(np.array_equal(i, idx(same)[n]) for n, i in idx(other).items())  # and the same for the same seed
+    assert other.config.synthetic_seed == 3
+
+
 def test_config_fields_round_trip_and_refuse_bad_values():
     cfg = GoboConfig(allocate="uniform", codebook="row", feedback="texts", feedback_texts=64, feedback_sha256="ab" * 32,
                      act_outliers=0.004, act_texts=16)
@@ -150,6 +162,15 @@ def test_config_fields_round_trip_and_refuse_bad_values():
     for k in ("synthetic", "feedback_damp"):
         del doc["data"][k]
     assert (config_from_json(doc).synthetic, config_from_json(doc).feedback_damp) == ("words", 0.01)
+    # the seed of the synthetic sentences likewise: recorded where they are used and not 0
+    seeded = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.006, synthetic_seed=7)
+    assert config_to_json(seeded)["data"]["synthetic_seed"] == 7
+    assert config_from_json(json.loads(json.dumps(config_to_json(seeded)))) == seeded
+    assert "synthetic_seed" not in config_to_json(dataclasses.replace(seeded, synthetic_seed=0))["data"]
+    assert GoboConfig(feedback="texts", synthetic_seed=7).synthetic_seed == 0  # no synthetic sentence read
+    for bad in [dict(synthetic_seed=-1), dict(synthetic_seed=True), dict(synthetic_seed=1.5), dict(synthetic_seed=2**32)]:
+        with pytest.raises(ValueError, match="synthetic_seed"):
+            GoboConfig(act_outliers=0.01, **bad)
     for bad in [dict(codebook="row"), dict(codebook="col", allocate="uniform"), dict(feedback="real"),
                 dict(feedback="texts", normalize_rows=True), dict(feedback="texts", feedback_texts=0),
                 dict(act_outliers=-0.1), dict(act_outliers=0.5), dict(act_outliers=True), dict(act_texts=0),
@@ -193,9 +214,13 @@ def test_cli_feedback_flags(tmp_path, capsys):
     assert data["feedback_damp"] == 0.1  # recorded, since the feedback used it
     assert main([*args[:3], str(tmp_path / "a"), "--act-outliers", "0.01", *args[10:]]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["data"]["act_outliers"] == 0.01
+    assert main([*args[:3], str(tmp_path / "s"), "--act-outliers", "0.01", "--synthetic-seed", "5", *args[10:]]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["data"]["synthetic_seed"] == 5
     (tmp_path / "empty.txt").write_text("\n \n")
     for extra, msg in [(["--calibration-texts", str(texts)], "need --feedback"),
                        (["--feedback", "synthetic", "--calibration-texts", str(texts)], "needs --feedback texts"),
+                       (["--synthetic-seed", "1"], "needs synthetic sentences"),
+                       (["--feedback", "texts", "--act-outliers", "0.01", "--synthetic-seed", "1"], "needs synthetic sentences"),
                        (["--feedback", "texts", "--calibration-texts", str(tmp_path / "empty.txt")], "holds no text"),
                        (["--feedback", "texts", "--calibration-texts", str(tmp_path / "nope.txt")], "cannot read"),
                        (["--codebook", "row", "--method", "directq"], "apply to --method gobo"),

@@ -115,7 +115,7 @@ def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -
     from .feedback import input_energy
 
     return input_energy(src, tokenizer, names, config.act_texts, texts if config.feedback == "texts" else None,
-                        punctuation=config.synthetic == "punct")
+                        punctuation=config.synthetic == "punct", seed=config.synthetic_seed)
 
 
 def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts) -> CompressedModel:
@@ -125,7 +125,8 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
     if config.feedback != "texts":
         texts = None
     for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts,
-                                       damp=config.feedback_damp, punctuation=config.synthetic == "punct").items():
+                                       damp=config.feedback_damp, punctuation=config.synthetic == "punct",
+                                       seed=config.synthetic_seed).items():
         cm.quantized[name] = qt
         cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
     cm.config = config

@@ -158,6 +158,8 @@ def _cmd_quantize(args) -> int:
         raise UserError("--calibration-texts, --feedback-texts and --feedback-damp need --feedback")
     if args.calibration_texts and args.feedback != "texts":
         raise UserError("--calibration-texts needs --feedback texts")
+    if args.synthetic_seed is not None and args.feedback != "synthetic" and not (args.act_outliers and args.feedback != "texts"):
+        raise UserError("--synthetic-seed needs synthetic sentences: --feedback synthetic, or --act-outliers without --feedback texts")
     texts = None
     if args.calibration_texts:
         try:
@@ -184,6 +186,8 @@ def _cmd_quantize(args) -> int:
             extra["act_outliers"] = args.act_outliers
         if args.feedback_damp is not None:
             extra["feedback_damp"] = args.feedback_damp
+        if args.synthetic_seed is not None:
+            extra["synthetic_seed"] = args.synthetic_seed
         config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -406,6 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--act-outliers", type=float, metavar="FRACTION", help="gobo: also keep exact this fraction of every Linear's weights (e.g. 0.006): those whose error weighs most once multiplied by its input's mean square on 64 synthetic sentences (data-free)")
     q.add_argument("--calibration-texts", metavar="FILE", help="with --feedback texts: one calibration text per line")
     q.add_argument("--feedback-texts", type=int, metavar="N", help="with --feedback: calibration sentences to use (default 256)")
+    q.add_argument("--synthetic-seed", type=int, metavar="N", help="seed of the synthetic sentences behind --act-outliers and --feedback synthetic (default 0); others show how much a result owes to the sample")
     q.add_argument("--feedback-damp", type=float, metavar="F", help="with --feedback: damping added to the diagonal of the inputs' second moments, as a fraction of its mean (default 0.1)")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")

@@ -60,12 +60,13 @@ class GoboConfig:
     synthetic: str = "punct"  # synthetic sentences of act_outliers and feedback="synthetic": "punct" (Zipf-drawn
     # words with punctuation, gobo.calibrate.synthetic_batch) or "words" (the words alone, as files before it)
     feedback_damp: float = 0.1  # error feedback: damping added to H's diagonal, as a fraction of its mean (0.01 before it)
+    synthetic_seed: int = 0  # seed of the synthetic sentences (act_outliers energies and feedback="synthetic")
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
                                                      "feedback": "", "feedback_texts": 256, "feedback_sha256": "",
                                                      "act_outliers": 0.0, "act_texts": 64,
-                                                     "synthetic": "words", "feedback_damp": 0.01}
+                                                     "synthetic": "words", "feedback_damp": 0.01, "synthetic_seed": 0}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -103,10 +104,13 @@ class GoboConfig:
         if isinstance(self.feedback_damp, bool) or not isinstance(self.feedback_damp, (int, float)) \
                 or not (0 < self.feedback_damp < math.inf):
             raise ValueError(f"feedback_damp must be a positive number, got {self.feedback_damp!r}")
+        if isinstance(self.synthetic_seed, bool) or not isinstance(self.synthetic_seed, int) or not 0 <= self.synthetic_seed < 2**32:
+            raise ValueError(f"synthetic_seed must be an integer from 0 to 2**32 - 1, got {self.synthetic_seed!r}")
         # where no synthetic sentence is read, or no feedback made, these two settle at the value
         # files before them imply, so such configs (the default among them) keep their bytes
         if not (self.act_outliers and self.feedback != "texts") and self.feedback != "synthetic":
             object.__setattr__(self, "synthetic", self._OPTIONAL_FIELDS["synthetic"])
+            object.__setattr__(self, "synthetic_seed", self._OPTIONAL_FIELDS["synthetic_seed"])
         if not self.feedback:
             object.__setattr__(self, "feedback_damp", self._OPTIONAL_FIELDS["feedback_damp"])
         object.__setattr__(self, "feedback_damp", float(self.feedback_damp))

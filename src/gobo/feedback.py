@@ -102,11 +102,11 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
 
 
 def input_energy(model, tokenizer, weights: Sequence[str], n: int, texts: Sequence[str] | None = None,
-                 punctuation: bool = False) -> dict:
+                 punctuation: bool = False, seed: int = 0) -> dict:
     """``E[x_j^2]`` (float64 numpy, one value per input feature) of the input of every
-    nn.Linear named in ``weights``, on ``n`` synthetic sentences (``texts`` None) or the
-    first ``n`` of ``texts``: what ``GoboConfig.act_outliers`` weighs errors by."""
-    ids, mask = calibration_batch(tokenizer, texts, n, punctuation=punctuation)
+    nn.Linear named in ``weights``, on ``n`` synthetic sentences (``texts`` None; drawn with
+    ``seed``) or the first ``n`` of ``texts``: what ``GoboConfig.act_outliers`` weighs errors by."""
+    ids, mask = calibration_batch(tokenizer, texts, n, seed=seed, punctuation=punctuation)
     return {w: m.numpy() for w, m in input_moments(model, ids, mask, weights, diagonal=True).items()}
 
 
@@ -191,10 +191,11 @@ def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, b
 
 
 def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,
-          damp: float = DAMP, punctuation: bool = False) -> dict:
+          damp: float = DAMP, punctuation: bool = False, seed: int = 0) -> dict:
     """Re-code every quantized nn.Linear weight of ``quantized`` by :func:`requantize` under
     the input moments of the FP32 ``model`` on ``n`` calibration sentences (``texts`` None:
-    synthetic, with punctuation if asked). Returns the replaced tensors (name -> QuantizedTensor)."""
-    ids, mask = calibration_batch(tokenizer, texts, n, punctuation=punctuation)
+    synthetic, drawn with ``seed``, with punctuation if asked). Returns the replaced tensors
+    (name -> QuantizedTensor)."""
+    ids, mask = calibration_batch(tokenizer, texts, n, seed=seed, punctuation=punctuation)
     h = input_moments(model, ids, mask, list(quantized))
     return {name: requantize(quantized[name], state[name], h[name], damp=damp) for name in quantized if name in h}
