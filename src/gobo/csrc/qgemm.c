@@ -35,12 +35,14 @@
 #define QG_X86 0
 #endif
 
+/* block sizes; KC and MC can be set at build time (-DKC=..., -DMC=...) to tune for a cache.
+ * On Zen 4, KC from 256 to 512 and MC from 48 to 192 ran within noise of these. */
 #ifndef KC
 #define KC 384 /* k's per panel slice: K = 768 and 3072 split evenly */
 #endif
 #define NC 128 /* output features decoded per block, a multiple of both NRs */
 #ifndef MC
-#define MC 96  /* rows of x per L2 block, a multiple of both MRs */
+#define MC 96  /* rows of x per L2 block, a multiple of both MRs (6 and 8) */
 #endif
 #define MR_MAX 8
 #define NR_MAX 32
