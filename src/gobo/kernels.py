@@ -7,7 +7,7 @@ tensors (:class:`Packed`). Two paths compute the same things:
   :meth:`QuantizedTensor.dequantize`, then ``F.linear`` or indexing;
 * fast (``gobo._native``, C, AVX2 or AVX-512 chosen at run time), two ways:
 
-  - fused (``gobo_qgemm_ex``, csrc/qgemm.c; x86-64 with AVX2 and FMA): the GEMM's own kernel.
+  - fused (``gobo_qgemm``, csrc/qgemm.c; x86-64 with AVX2 and FMA): the GEMM's own kernel.
     It decodes 16 rows of codes at a time (32 with AVX-512), bit-identical to
     ``dequantize()``, and transposes them straight into the panels its register-blocked inner
     kernel reads (6 x 16 with AVX2, 8 x 32 with AVX-512: :func:`gemm_isa`), so decoding
@@ -164,10 +164,6 @@ def _lib():
     so.gobo_decode_row_list.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
     so.gobo_qgemm.restype = ctypes.c_int
     so.gobo_qgemm.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
-    ]
-    so.gobo_qgemm_ex.restype = ctypes.c_int
-    so.gobo_qgemm_ex.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
     ]
@@ -433,7 +429,7 @@ def linear(
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     m, n, k = x2.shape[0], p.rows, p.cols
-    y = _reused_output(m * n).view(m, n) if reuse_output and residual is None else torch.empty(m, n, dtype=torch.float32)
+    y = _reused_output(m * n).view(m, n) if reuse_output else torch.empty(m, n, dtype=torch.float32)
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
     if q is None:
@@ -447,7 +443,7 @@ def linear(
             r2 = residual.reshape(m, n)
             if r2.dtype != torch.float32 or r2.stride() != (n, 1):
                 r2 = r2.to(torch.float32).contiguous()
-        rc = _lib().gobo_qgemm_ex(
+        rc = _lib().gobo_qgemm(
             qref, x2.data_ptr(), m, k, y.data_ptr(), n, None if bias is None else bias.data_ptr(),
             None if r2 is None else r2.data_ptr(), n, ACTIVATIONS.get(act, 0), _ISAS.get(isa, 0), torch.get_num_threads(),
         )

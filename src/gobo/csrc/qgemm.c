@@ -524,7 +524,7 @@ static int grow_pool(int want) {
 
 /* ------------------------------------------------------------------------- entry points */
 
-/* 2 when gobo_qgemm_ex's default kernel is the AVX-512 one, 1 when it is the AVX2 one, 0 when
+/* 2 when gobo_qgemm's default kernel is the AVX-512 one, 1 when it is the AVX2 one, 0 when
  * neither runs on this CPU */
 GOBO_API int gobo_qgemm_isa(void) { return have_avx512() ? QG_AVX512 : (gobo_kernels_simd() ? QG_AVX2 : 0); }
 
@@ -535,8 +535,8 @@ GOBO_API int gobo_qgemm_isa(void) { return have_avx512() ? QG_AVX512 : (gobo_ker
  * a given isa. Returns 0; 1 on bad arguments; 2 when out of memory; 3 when this CPU lacks
  * AVX2/FMA (gobo_kernels_simd() tells beforehand: the caller computes another way) or the
  * asked-for isa. */
-GOBO_API int gobo_qgemm_ex(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias,
-                           const float *res, int64_t ldres, int32_t act, int32_t isa, int32_t nthreads) {
+GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias,
+                        const float *res, int64_t ldres, int32_t act, int32_t isa, int32_t nthreads) {
     if (!gobo_kernels_simd()) return 3;
     if (isa == 0) isa = gobo_qgemm_isa();
     if ((isa == QG_AVX512 && !have_avx512()) || (isa != QG_AVX2 && isa != QG_AVX512)) return 3;
@@ -586,9 +586,4 @@ GOBO_API int gobo_qgemm_ex(const gobo_qmat *q, const float *x, int64_t m, int64_
     for (int i = 0; i < j.nthreads; ++i)
         if (j.status[i]) return j.status[i];
     return 0;
-}
-
-/* gobo_qgemm_ex without residual or activation, on the fastest kernel */
-GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias, int32_t nthreads) {
-    return gobo_qgemm_ex(q, x, m, ldx, y, ldy, bias, NULL, 0, 0, 0, nthreads);
 }
