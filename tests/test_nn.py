@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import gobo  # noqa: E402
 from gobo import kernels  # noqa: E402
-from gobo.nn import FusedOutput, QuantEmbedding, QuantLinear, fuse_epilogues, resident_weight_bytes, swap_modules  # noqa: E402
+from gobo.nn import FusedAttention, FusedOutput, QuantEmbedding, QuantLinear, fuse_epilogues, resident_weight_bytes, swap_modules  # noqa: E402
 
 from test_kernels import make_qt  # noqa: E402
 
@@ -91,17 +91,19 @@ def test_swap_modules_by_name_and_shared_weights():
 
 #: what fuse_epilogues finds in each tiny model of test_quantize (2 layers): BERT-style trees
 #: have a GELU feed-forward and two *Output modules per layer; MPNet's attention output is
-#: added inside MPNetAttention (left alone); DistilBERT's FFN and ALBERT's layer have the GELU
-#: but their residual adds are not in an *Output module; ALBERT's layer is shared, and its
-#: default activation is the tanh approximation ("gelu_new"), which is not fused.
+#: added inside MPNetAttention, which becomes a FusedAttention; DistilBERT's FFN and ALBERT's
+#: layer have the GELU but their residual adds are not in an *Output module; ALBERT's layer
+#: is shared, and its default activation is the tanh approximation ("gelu_new"), which is not
+#: fused.
 FUSED = {
-    "bert": {"gelu": 2, "residual": 4},
-    "roberta": {"gelu": 2, "residual": 4},
-    "electra": {"gelu": 2, "residual": 4},
-    "mpnet": {"gelu": 2, "residual": 2},
-    "distilbert": {"gelu": 2, "residual": 0},
-    "albert": {"gelu": 0, "residual": 0},
+    "bert": {"gelu": 2, "residual": 4, "attention": 0},
+    "roberta": {"gelu": 2, "residual": 4, "attention": 0},
+    "electra": {"gelu": 2, "residual": 4, "attention": 0},
+    "mpnet": {"gelu": 2, "residual": 2, "attention": 2},
+    "distilbert": {"gelu": 2, "residual": 0, "attention": 0},
+    "albert": {"gelu": 0, "residual": 0, "attention": 0},
 }
+NOTHING = {"gelu": 0, "residual": 0, "attention": 0}
 
 
 @pytest.mark.parametrize("arch", sorted(FUSED))
@@ -123,8 +125,9 @@ def test_fuse_epilogues_on_every_architecture(arch):
     unfused = copy.deepcopy(packed)
     counts = fuse_epilogues(packed)
     assert counts == FUSED[arch]
-    assert fuse_epilogues(packed) == {"gelu": 0, "residual": 0}  # nothing is fused twice
+    assert fuse_epilogues(packed) == NOTHING  # nothing is fused twice
     assert sum(isinstance(m, FusedOutput) for m in packed.modules()) == counts["residual"]
+    assert sum(isinstance(m, FusedAttention) for m in packed.modules()) == counts["attention"]
     assert sum(isinstance(m, QuantLinear) and m.act == "gelu" for m in packed.modules()) == counts["gelu"] or arch == "albert"
     ids = torch.tensor([[1, 5, 17, 42, 99, 3], [2, 8, 64, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
@@ -134,6 +137,13 @@ def test_fuse_epilogues_on_every_architecture(arch):
         plain = unfused(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (got - want).abs().max().item() <= 1e-5
     assert (plain - want).abs().max().item() <= 1e-5
+    if counts["attention"]:  # asked for the attention probabilities, it computes them the original way
+        with torch.inference_mode():
+            a = packed(input_ids=ids, attention_mask=mask, output_attentions=True)
+            b = unfused(input_ids=ids, attention_mask=mask, output_attentions=True)
+        assert len(a.attentions) == len(b.attentions) == 2
+        assert all((x - y).abs().max().item() <= 1e-5 for x, y in zip(a.attentions, b.attentions))
+        assert (a.last_hidden_state - want).abs().max().item() <= 1e-5
     # the state dict is unchanged by the fusion: same names, same tensors
     assert list(packed.state_dict()) == list(unfused.state_dict())
     # in training mode the fused outputs apply dropout again, as the originals do
@@ -150,11 +160,11 @@ def test_fuse_leaves_unknown_activations_and_shapes_alone():
     net = torch.nn.Module()
     net.dense = QuantLinear.from_qtensor(make_qt(8, 4, 3))
     net.intermediate_act_fn = torch.nn.GELU(approximate="tanh")  # not the erf form
-    assert fuse_epilogues(net) == {"gelu": 0, "residual": 0}
+    assert fuse_epilogues(net) == NOTHING
     net.intermediate_act_fn = torch.nn.ReLU()
-    assert fuse_epilogues(net) == {"gelu": 0, "residual": 0}
+    assert fuse_epilogues(net) == NOTHING
     net.intermediate_act_fn = torch.nn.GELU()
-    assert fuse_epilogues(net) == {"gelu": 1, "residual": 0}
+    assert fuse_epilogues(net) == {**NOTHING, "gelu": 1}
     assert isinstance(net.intermediate_act_fn, torch.nn.Identity) and net.dense.act == "gelu"
     assert "act=gelu" in repr(net.dense)
 
@@ -171,8 +181,33 @@ def test_fuse_leaves_unknown_activations_and_shapes_alone():
             return self.LayerNorm(self.dropout(self.dense(hidden_states))) + input_tensor
 
     holder = torch.nn.Sequential(PreNormOutput())
-    assert fuse_epilogues(holder) == {"gelu": 0, "residual": 0}
+    assert fuse_epilogues(holder) == NOTHING
     assert isinstance(holder[0], PreNormOutput)
+
+    # nor is an MPNetAttention-shaped block that computes something else (here: the position
+    # bias is ignored)
+    class SelfAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_attention_heads, self.attention_head_size, self.all_head_size = 2, 4, 8
+            for n in "qkvo":
+                setattr(self, n, QuantLinear.from_qtensor(make_qt(8, 8, 3, seed=ord(n))))
+            self.dropout = torch.nn.Dropout(0.1)
+
+    class NoBiasAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.LayerNorm, self.dropout = SelfAttention(), torch.nn.LayerNorm(8), torch.nn.Dropout(0.1)
+
+        def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False):
+            a, (b, t, _) = self.attn, hidden_states.shape
+            q, k, v = (getattr(a, n)(hidden_states).view(b, t, 2, 4).transpose(1, 2) for n in "qkv")
+            c = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+            return (self.LayerNorm(a.o(c.transpose(1, 2).reshape(b, t, 8)) + hidden_states),)
+
+    holder = torch.nn.Sequential(NoBiasAttention())
+    assert fuse_epilogues(holder) == NOTHING
+    assert isinstance(holder[0], NoBiasAttention)
 
 
 # ---------------------------------------------------------------------------- real model

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
+import math
 import os
 from typing import Mapping
 
@@ -283,6 +284,81 @@ def _is_residual_output(mod: nn.Module) -> bool:
     return isinstance(want, torch.Tensor) and want.shape == got.shape and bool(torch.allclose(want, got, rtol=1e-4, atol=1e-5))
 
 
+class FusedAttention(nn.Module):
+    """MPNet's attention block, ``LayerNorm(dropout(o(attention(q(h), k(h), v(h)))) + h)`` with
+    the scores' additive mask and relative-position bias, computed with one
+    ``scaled_dot_product_attention`` call (instead of two batched matmuls, the scaling, two
+    adds, the softmax and a copy: one pass of threads instead of about eight) and the residual
+    add in the output GEMM. Same submodules and state-dict names as the module it replaces;
+    asked for the attention probabilities, or in training mode with dropout, it runs the
+    original forward."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.attn, self.LayerNorm, self.dropout = original.attn, original.LayerNorm, original.dropout
+        # the replaced class's forward, for what the fast path does not cover
+        object.__setattr__(self, "_original_forward", type(original).forward)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
+                output_attentions: bool = False, **kwargs):
+        a = self.attn
+        if output_attentions or (self.training and (self.dropout.p > 0 or a.dropout.p > 0)):
+            return self._original_forward(self, hidden_states, attention_mask, position_bias, output_attentions=output_attentions, **kwargs)
+        shape = (*hidden_states.shape[:-1], -1, a.attention_head_size)
+        q = a.q(hidden_states).view(shape).transpose(1, 2)
+        k = a.k(hidden_states).view(shape).transpose(1, 2)
+        v = a.v(hidden_states).view(shape).transpose(1, 2)
+        mask = attention_mask
+        if mask is not None and mask.dtype == torch.bool:  # True: attend (an additive mask in the eager form)
+            mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, torch.finfo(q.dtype).min)
+        if position_bias is not None:
+            mask = position_bias if mask is None else position_bias + mask
+        c = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(a.attention_head_size))
+        c = c.transpose(1, 2).reshape(*hidden_states.shape[:-1], a.all_head_size)
+        return (self.LayerNorm(a.o(c, residual=hidden_states)),)
+
+
+def _is_mpnet_attention(mod: nn.Module) -> bool:
+    """A module shaped like ``MPNetAttention``: children ``attn`` (packed ``q``, ``k``, ``v``,
+    ``o`` without activation, and ``dropout``), ``LayerNorm`` and ``dropout``;
+    ``forward(hidden_states, attention_mask, position_bias, output_attentions)``; and the
+    output of :class:`FusedAttention` on a random input with a padded key and a random
+    position bias."""
+    children = dict(mod.named_children())
+    if set(children) != {"attn", "LayerNorm", "dropout"} or isinstance(mod, FusedAttention):
+        return False
+    a = children["attn"]
+    lins = dict(a.named_children())
+    if set(lins) != {"q", "k", "v", "o", "dropout"} or not isinstance(children["LayerNorm"], nn.LayerNorm):
+        return False
+    if not all(isinstance(lins[n], QuantLinear) and lins[n].act is None for n in "qkvo"):
+        return False
+    heads, size, total = (getattr(a, n, None) for n in ("num_attention_heads", "attention_head_size", "all_head_size"))
+    if not all(isinstance(n, int) and n > 0 for n in (heads, size, total)) or heads * size != total or lins["q"].out_features != total:
+        return False
+    try:
+        params = list(inspect.signature(type(mod).forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    if params[:5] != ["self", "hidden_states", "attention_mask", "position_bias", "output_attentions"]:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 3, lins["o"].out_features, generator=gen)
+    bias = torch.randn(1, heads, 3, 3, generator=gen)
+    mask = torch.tensor([0.0, 0.0, torch.finfo(torch.float32).min]).view(1, 1, 1, 3)
+    was_training = mod.training
+    mod.eval()
+    try:
+        with torch.no_grad():
+            want = mod(h, mask, bias)[0]
+            got = FusedAttention(mod).eval()(h, mask, bias)[0]
+    except Exception:  # noqa: BLE001  (a forward that does not take these inputs is not one)
+        return False
+    finally:
+        mod.train(was_training)
+    return isinstance(want, torch.Tensor) and want.shape == got.shape and bool(torch.allclose(want, got, rtol=1e-4, atol=1e-5))
+
+
 def fuse_epilogues(model: nn.Module) -> dict[str, int]:
     """Fold into the packed GEMMs what BERT-family layers do right after them:
 
@@ -291,11 +367,14 @@ def fuse_epilogues(model: nn.Module) -> dict[str, int]:
       activation becomes Identity;
     * the residual add of ``*Output`` modules (dense, dropout, ``LayerNorm(h + input)``):
       replaced by :class:`FusedOutput`, which passes the input to the GEMM as its residual.
+    * MPNet's attention blocks (``MPNetAttention``, whose attention has no fused form in
+      transformers): replaced by :class:`FusedAttention` (one scaled_dot_product_attention
+      call, the residual add in the output GEMM), where it computes what they compute.
 
     Anything else is left alone. Outputs match the unfused model's to float32 rounding (the
     GELU's erf is the same approximation PyTorch vectorises). Returns the counts fused.
     """
-    counts = {"gelu": 0, "residual": 0}
+    counts = {"gelu": 0, "residual": 0, "attention": 0}
     for name, mod in list(model.named_modules()):
         for lin_name, act_name in _ACT_PAIRS:
             lin, act = getattr(mod, lin_name, None), getattr(mod, act_name, None)
@@ -309,6 +388,11 @@ def fuse_epilogues(model: nn.Module) -> dict[str, int]:
             fused.train(mod.training)
             _set_submodule(model, name, fused)
             counts["residual"] += 1
+        elif name and _is_mpnet_attention(mod):
+            fused = FusedAttention(mod)
+            fused.train(mod.training)
+            _set_submodule(model, name, fused)
+            counts["attention"] += 1
     return counts
 
 
