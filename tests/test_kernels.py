@@ -168,7 +168,8 @@ def test_avx2_and_avx512_kernels_give_the_same_bits(bits):
         b = torch.randn(rows, generator=rng)
         for m in (1, 7, 8, 31, 128):
             x, res = torch.randn(m, cols, generator=rng), torch.randn(m, rows, generator=rng)
-            for kw in ({}, {"residual": res}, {"act": "gelu"}, {"residual": res, "act": "gelu"}):
+            ln = (torch.randn(rows, generator=rng), torch.randn(rows, generator=rng), 1e-5)
+            for kw in ({}, {"residual": res}, {"act": "gelu"}, {"residual": res, "act": "gelu"}, {"residual": res, "layer_norm": ln}):
                 assert torch.equal(linear(x, p, b, isa="avx2", **kw), linear(x, p, b, isa="avx512", **kw)), (rows, cols, m, kw)
 
 
@@ -241,6 +242,52 @@ def test_epilogue_arguments_are_checked():
         linear(torch.randn(2, 16), p, residual=torch.randn(2, 7))
     with pytest.raises(ValueError, match="kernel"):
         linear(torch.randn(2, 16), p, isa="sse")
+
+
+@needs_gemm
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_fused_layer_norm_matches_reference(isa):
+    # LayerNorm over each output row after the residual and GELU, by the GEMM's own threads
+    # once every column is summed: F.layer_norm's result to float32 rounding, on 1 and 2
+    # threads and on both sets of threads, with and without its affine parameters
+    rng = torch.Generator().manual_seed(9)
+    before = torch.get_num_threads()
+    try:
+        for rows, cols in RAGGED + [(768, 64)]:
+            p = Packed.from_qtensor(make_qt(rows, cols, 3, seed=rows + 1, outlier_frac=0.02))
+            b, w, beta = torch.randn(rows, generator=rng), 1 + torch.randn(rows, generator=rng), torch.randn(rows, generator=rng)
+            for m in (1, 3, 13, 40):
+                x = torch.randn(m, cols, generator=rng)
+                res = 10 * torch.randn(m, rows, generator=rng)  # offsets of the order of MPNet's residual stream
+                for ln in ((w, beta, 1e-5), (None, None, 1e-12), (w, None, 1e-3)):
+                    for kw in ({}, {"residual": res}, {"residual": res, "act": "gelu"}):
+                        ref = linear_reference(x, p, b, layer_norm=ln, **kw)
+                        outs = []
+                        for threads, openmp in ((1, True), (2, True), (2, False)):
+                            torch.set_num_threads(threads)
+                            kernels.gemm_threads(openmp)
+                            outs.append(linear(x, p, b, layer_norm=ln, isa=isa, **kw))
+                        scale = max(ref.abs().max().item(), 1.0)
+                        assert (outs[0] - ref).abs().max().item() <= 2e-5 * scale, (rows, cols, m, kw)
+                        # each row is normalised by one thread with the same code: same bits
+                        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (rows, cols, m)
+    finally:
+        torch.set_num_threads(before)
+        kernels.gemm_threads(True)
+
+
+@needs_gemm
+def test_layer_norm_arguments_are_checked():
+    p = Packed.from_qtensor(make_qt(8, 16, 3))
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="weight"):
+        linear(x, p, layer_norm=(torch.ones(7), None, 1e-5))
+    with pytest.raises(ValueError, match="bias"):
+        linear(x, p, layer_norm=(None, torch.ones(9), 1e-5))
+    with pytest.raises(ValueError, match="eps"):
+        linear(x, p, layer_norm=(None, None, 0.0))
+    with pytest.raises(ValueError, match="layer_norm"):
+        linear(x, p, layer_norm=torch.nn.LayerNorm(8))
 
 
 @needs_gemm

@@ -165,7 +165,8 @@ def _lib():
     so.gobo_qgemm.restype = ctypes.c_int
     so.gobo_qgemm.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+        ctypes.c_int32, ctypes.c_int32,
     ]
     so.gobo_qgemm_isa.restype = ctypes.c_int
     so.gobo_qgemm_isa.argtypes = []
@@ -370,12 +371,28 @@ def _reused_output(n: int) -> torch.Tensor:
     return buf[:n]  # a view: the buffer itself is never handed out
 
 
-def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, act: str | None) -> torch.Tensor:
+def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, act: str | None, layer_norm: tuple | None = None) -> torch.Tensor:
     if residual is not None:
         y = y + residual
     if act == "gelu":
         y = torch.nn.functional.gelu(y)
+    if layer_norm is not None:
+        w, b, eps = layer_norm
+        y = torch.nn.functional.layer_norm(y, (y.shape[-1],), w, b, eps)
     return y
+
+
+def _check_layer_norm(layer_norm: tuple | None, n: int) -> None:
+    if layer_norm is None:
+        return
+    if not (isinstance(layer_norm, tuple) and len(layer_norm) == 3):
+        raise ValueError("layer_norm must be (weight, bias, eps)")
+    w, b, eps = layer_norm
+    for name, t in (("weight", w), ("bias", b)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,)):
+            raise ValueError(f"layer_norm {name} must be None or a tensor of shape ({n},)")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"layer_norm eps must be a positive number, got {eps!r}")
 
 
 def _check_act(act: str | None) -> None:
@@ -383,10 +400,13 @@ def _check_act(act: str | None) -> None:
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)} or None")
 
 
-def linear_reference(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, residual: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
-    """``act(F.linear(x, dequantize(), bias) + residual)``: the definition the fast path must match."""
+def linear_reference(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, *, residual: torch.Tensor | None = None, act: str | None = None,
+                     layer_norm: tuple | None = None) -> torch.Tensor:
+    """``LayerNorm(act(F.linear(x, dequantize(), bias) + residual))`` (the LayerNorm only with
+    ``layer_norm``): the definition the fast path must match."""
     _check_act(act)
-    return _epilogue(torch.nn.functional.linear(x, p.dequantize(), bias), residual, act)
+    _check_layer_norm(layer_norm, p.rows)
+    return _epilogue(torch.nn.functional.linear(x, p.dequantize(), bias), residual, act, layer_norm)
 
 
 def linear(
@@ -396,6 +416,7 @@ def linear(
     *,
     residual: torch.Tensor | None = None,
     act: str | None = None,
+    layer_norm: tuple | None = None,
     isa: str | None = None,
     reuse_output: bool = False,
     tile_rows: int | None = None,
@@ -405,7 +426,10 @@ def linear(
 
     By default the fused kernel decodes ``W`` block by block straight into its GEMM panels,
     on ``torch.get_num_threads()`` threads, and adds ``residual`` (the output's shape) and
-    applies ``act`` (None or ``"gelu"``) to each tile as it finishes; ``isa`` (``"avx2"`` or
+    applies ``act`` (None or ``"gelu"``) to each tile as it finishes; ``layer_norm``
+    (``(weight, bias, eps)``, weight and bias None or ``(rows,)``) then normalises each row of
+    the output as ``F.layer_norm`` does, on the same threads once they have all finished
+    their columns; ``isa`` (``"avx2"`` or
     ``"avx512"``) picks its inner kernel instead of the fastest (:func:`gemm_isa`).
     ``reuse_output`` writes the output into a per-thread buffer that is reused once every
     tensor made from it earlier is gone (for large, short-lived outputs).
@@ -415,11 +439,13 @@ def linear(
     checks).
     """
     _check_act(act)
+    _check_layer_norm(layer_norm, p.rows)
     if isa is not None and isa not in _ISAS:
         raise ValueError(f"unknown kernel {isa!r}; expected one of {', '.join(_ISAS)} or None")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual))
+    ln_w, ln_b, ln_eps = layer_norm if layer_norm is not None else (None, None, 0.0)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual, ln_w, ln_b))
     if needs_grad or x.dtype != torch.float32 or x.device.type != "cpu" or not fast_available():
-        return linear_reference(x, p, bias, residual=residual, act=act)  # the fast paths write into out= buffers: no autograd
+        return linear_reference(x, p, bias, residual=residual, act=act, layer_norm=layer_norm)  # the fast paths write into out= buffers: no autograd
     lead = x.shape[:-1]
     if x.shape[-1] != p.cols:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {p.cols}")
@@ -443,9 +469,15 @@ def linear(
             r2 = residual.reshape(m, n)
             if r2.dtype != torch.float32 or r2.stride() != (n, 1):
                 r2 = r2.to(torch.float32).contiguous()
+        if ln_w is not None:
+            ln_w = ln_w.detach().to(torch.float32).contiguous()
+        if ln_b is not None:
+            ln_b = ln_b.detach().to(torch.float32).contiguous()
         rc = _lib().gobo_qgemm(
             qref, x2.data_ptr(), m, k, y.data_ptr(), n, None if bias is None else bias.data_ptr(),
-            None if r2 is None else r2.data_ptr(), n, ACTIVATIONS.get(act, 0), _ISAS.get(isa, 0), torch.get_num_threads(),
+            None if r2 is None else r2.data_ptr(), n, ACTIVATIONS.get(act, 0),
+            int(layer_norm is not None), None if ln_w is None else ln_w.data_ptr(), None if ln_b is None else ln_b.data_ptr(), float(ln_eps),
+            _ISAS.get(isa, 0), torch.get_num_threads(),
         )
         if rc == 2:
             raise MemoryError("no memory for the GEMM's scratch buffers")
@@ -467,7 +499,7 @@ def linear(
             torch.mm(x2, w.t(), out=y[:, r0:r1])
         else:
             torch.addmm(bias[r0:r1], x2, w.t(), out=y[:, r0:r1])
-    return _epilogue(y.reshape(*lead, n), residual, act)
+    return _epilogue(y.reshape(*lead, n), residual, act, layer_norm)
 
 
 # ---------------------------------------------------------------------------- embedding

@@ -85,6 +85,17 @@ class _Packed(nn.Module):
         return f"bits={self.bits}, codebooks={groups}, outliers={self.outlier_index.numel()}, row_stats={stats}"
 
 
+def _layer_norm_args(layer_norm: nn.Module | None, n: int):
+    """``(args, after)``: the ``(weight, bias, eps)`` the GEMM applies for an ``nn.LayerNorm``
+    over the last ``n`` features, or None and the module itself to call afterwards (any other
+    module, a subclass, or a LayerNorm over another shape)."""
+    if layer_norm is None:
+        return None, None
+    if type(layer_norm) is nn.LayerNorm and tuple(layer_norm.normalized_shape) == (n,) and float(layer_norm.eps) > 0:
+        return (layer_norm.weight, layer_norm.bias, float(layer_norm.eps)), None
+    return None, layer_norm
+
+
 class QuantLinear(_Packed):
     """``nn.Linear`` whose weight stays packed; ``forward`` decodes it into a reused buffer.
 
@@ -92,7 +103,8 @@ class QuantLinear(_Packed):
     ``tile_rows`` asks for the tiled path instead (that many rows of W decoded, then
     ``torch.addmm``), which is also what CPUs without AVX2/FMA get. ``act`` (None or
     ``"gelu"``) is applied to the output inside the GEMM; ``forward(x, residual)`` adds
-    ``residual`` to the output before it.
+    ``residual`` to the output before it, and ``forward(x, residual, layer_norm)`` applies the
+    ``nn.LayerNorm`` ``layer_norm`` (over the output features) last, also inside the GEMM.
     """
 
     def __init__(self, packed: kernels.Packed, bias: torch.Tensor | None = None, tile_rows: int | None = None, act: str | None = None):
@@ -118,17 +130,23 @@ class QuantLinear(_Packed):
             raise ValueError(f"a linear weight must be 2-D, got shape {qt.shape}")
         return cls(kernels.Packed.from_qtensor(qt), bias, tile_rows)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, layer_norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        # (..., in_features) -> (..., out_features)
         p = self.packed()
+        ln, after = _layer_norm_args(layer_norm, self.out_features)
         if self.use_reference:
-            return kernels.linear_reference(x, p, self.bias, residual=residual, act=self.act)
-        return kernels.linear(
-            x, p, self.bias, residual=residual, act=self.act, reuse_output=self.reuse_output, tile_rows=self.tile_rows, q=self._cached_qmat(p)
-        )
+            y = kernels.linear_reference(x, p, self.bias, residual=residual, act=self.act, layer_norm=ln)
+        else:
+            y = kernels.linear(
+                x, p, self.bias, residual=residual, act=self.act, layer_norm=ln, reuse_output=self.reuse_output, tile_rows=self.tile_rows,
+                q=self._cached_qmat(p),
+            )
+        return after(y) if after is not None else y
 
-    def forward_reference(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``act(F.linear(x, dequantize(), bias) + residual)``: what :meth:`forward` must reproduce."""
-        return kernels.linear_reference(x, self.packed(), self.bias, residual=residual, act=self.act)
+    def forward_reference(self, x: torch.Tensor, residual: torch.Tensor | None = None, layer_norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """``layer_norm(act(F.linear(x, dequantize(), bias) + residual))``: what :meth:`forward` must reproduce."""
+        y = kernels.linear_reference(x, self.packed(), self.bias, residual=residual, act=self.act)
+        return y if layer_norm is None else layer_norm(y)
 
     def extra_repr(self) -> str:
         return (
@@ -238,7 +256,8 @@ def _is_exact_gelu(act: nn.Module) -> bool:
 
 class FusedOutput(nn.Module):
     """``LayerNorm(dropout(dense(h)) + input)`` (``BertOutput``, ``BertSelfOutput`` and their
-    copies) with the residual add done in the packed GEMM's epilogue. Same submodules and
+    copies) with the residual add and the LayerNorm done by the packed GEMM (the add on each
+    tile, the LayerNorm on each row once its threads have all finished). Same submodules and
     state-dict names as the module it replaces; in training mode with dropout it computes
     the original way."""
 
@@ -249,7 +268,7 @@ class FusedOutput(nn.Module):
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout.p > 0:
             return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
-        return self.LayerNorm(self.dense(hidden_states, residual=input_tensor))
+        return self.dense(hidden_states, residual=input_tensor, layer_norm=self.LayerNorm)
 
 
 def _is_residual_output(mod: nn.Module) -> bool:
@@ -276,7 +295,7 @@ def _is_residual_output(mod: nn.Module) -> bool:
     try:
         with torch.no_grad():
             want = mod(h, inp)
-            got = mod.LayerNorm(dense(h, residual=inp))
+            got = dense(h, residual=inp, layer_norm=mod.LayerNorm)
     except Exception:  # noqa: BLE001  (a forward that does not take these inputs is not one)
         return False
     finally:
@@ -315,7 +334,7 @@ class FusedAttention(nn.Module):
             mask = position_bias if mask is None else position_bias + mask
         c = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(a.attention_head_size))
         c = c.transpose(1, 2).reshape(*hidden_states.shape[:-1], a.all_head_size)
-        return (self.LayerNorm(a.o(c, residual=hidden_states)),)
+        return (a.o(c, residual=hidden_states, layer_norm=self.LayerNorm),)
 
 
 def _is_mpnet_attention(mod: nn.Module) -> bool:

@@ -57,7 +57,11 @@ typedef struct {
     const float *bias; /* N or NULL */
     const float *res;  /* m x N, row stride ldres, or NULL: added after the sum */
     int64_t ldres;
-    int act;           /* GOBO_ACT_* applied last */
+    int act;           /* GOBO_ACT_* applied after the residual */
+    int ln;            /* 1: then LayerNorm over each row of y, with ln_w, ln_b (NULL: 1, 0) and ln_eps */
+    const float *ln_w, *ln_b;
+    float ln_eps;
+    int arrived;       /* threads done with their parts (the barrier before the LayerNorm) */
     int isa;           /* QG_AVX2 or QG_AVX512 */
     int64_t n_per;  /* output features per thread, a multiple of the panel width */
     int nthreads;
@@ -189,6 +193,53 @@ static AVX2 void epilogue_row(float *y, int64_t n, const float *res, int act) {
         if (act == GOBO_ACT_GELU) v = gelu8(v);
         _mm256_storeu_ps(tmp, v);
         memcpy(y + i, tmp, sizeof(float) * (size_t)(n - i));
+    }
+}
+
+/* sum of the n floats at y (n >= 0), in four 8-wide partial sums then the tail */
+INLINE AVX2 float sum_row(const float *y, int64_t n, float shift, int square) {
+    const __m256 c = _mm256_set1_ps(shift);
+    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int u = 0; u < 4; ++u) {
+            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(y + i + 8 * u), c);
+            s[u] = square ? _mm256_fmadd_ps(d, d, s[u]) : _mm256_add_ps(s[u], d);
+        }
+    for (; i + 8 <= n; i += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(y + i), c);
+        s[0] = square ? _mm256_fmadd_ps(d, d, s[0]) : _mm256_add_ps(s[0], d);
+    }
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, t);
+    float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (; i < n; ++i) {
+        const float d = y[i] - shift;
+        total += square ? d * d : d;
+    }
+    return total;
+}
+
+/* LayerNorm of one row of n values in place: (y - mean) / sqrt(var + eps) * w + b, the
+ * variance about the mean (two passes); w, b NULL: 1 and 0 */
+static AVX2 void layer_norm_row(float *y, int64_t n, const float *w, const float *b, float eps) {
+    const float mean = sum_row(y, n, 0.0f, 0) / (float)n;
+    const float var = sum_row(y, n, mean, 1) / (float)n;
+    const float rstd = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(var + eps)));
+    const __m256 m8 = _mm256_set1_ps(mean), r8 = _mm256_set1_ps(rstd);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(y + i), m8), r8);
+        if (w) v = _mm256_mul_ps(v, _mm256_loadu_ps(w + i));
+        if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + i));
+        _mm256_storeu_ps(y + i, v);
+    }
+    for (; i < n; ++i) {
+        float v = (y[i] - mean) * rstd;
+        if (w) v *= w[i];
+        if (b) v += b[i];
+        y[i] = v;
     }
 }
 
@@ -425,6 +476,26 @@ static void run_thread(qg_job *j, int t) {
     j->status[t] = lo < hi ? run_part(j, lo, hi) : 0;
 }
 
+/* thread t of a team of `team` working on job j: its parts t, t + team, ... (all parts run
+ * even when fewer threads came than parts), then, with a LayerNorm, a wait for the whole team
+ * (every row of y complete) and the LayerNorm of its share of the rows */
+static void job_member(qg_job *j, int t, int team) {
+    for (int p = t; p < j->nthreads; p += team) run_thread(j, p);
+    if (!j->ln) return;
+    if (team > 1) {
+        __atomic_add_fetch(&j->arrived, 1, __ATOMIC_ACQ_REL);
+        while (__atomic_load_n(&j->arrived, __ATOMIC_ACQUIRE) < team) {
+#if QG_X86
+            _mm_pause();
+#endif
+        }
+    }
+#if QG_X86
+    const int64_t lo = j->m * t / team, hi = j->m * (t + 1) / team;
+    for (int64_t i = lo; i < hi; ++i) layer_norm_row(j->y + i * j->ldy, j->q->rows, j->ln_w, j->ln_b, j->ln_eps);
+#endif
+}
+
 /* ------------------------------------------------------------------------- thread pool */
 
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;   /* guards the fields below */
@@ -450,7 +521,7 @@ static void *worker(void *arg) {
         seen = pool_gen;
         qg_job *j = pool_job;
         pthread_mutex_unlock(&pool_mu);
-        if (id < j->nthreads) run_thread(j, id);
+        if (id < j->nthreads) job_member(j, id, j->nthreads);
         pthread_mutex_lock(&pool_mu);
         if (--pool_pending == 0) pthread_cond_signal(&pool_done);
     }
@@ -487,8 +558,7 @@ static void team_body(void *arg) {
     /* every member takes the parts t, t + team, ...: all parts run even when the runtime
      * grants fewer threads than asked (a nested region gets one) */
     qg_job *j = arg;
-    const int team = host_num_threads(), t = host_thread_num();
-    for (int p = t; p < j->nthreads; p += team) run_thread(j, p);
+    job_member(j, host_thread_num(), host_num_threads());
 }
 
 static void after_fork_child(void) {
@@ -530,36 +600,43 @@ GOBO_API int gobo_qgemm_isa(void) { return have_avx512() ? QG_AVX512 : (gobo_ker
 
 /* y (m x rows, row stride ldy) = act(x (m x cols, row stride ldx) W^T + bias + res), with W
  * decoded from q, on up to nthreads threads. bias (rows values) and res (m x rows, row stride
- * ldres) may be NULL; act is 0 (none) or 1 (GELU, erf form); isa is 0 (the fastest this CPU
+ * ldres) may be NULL; act is 0 (none) or 1 (GELU, erf form); ln 1 then normalises each row
+ * of y (LayerNorm: ln_w and ln_b hold rows values, or are NULL for 1 and 0; ln_eps > 0 is
+ * added to the variance), once the whole row is summed, by the same threads after they wait
+ * for each other (no second pass of threads); isa is 0 (the fastest this CPU
  * runs), 1 (AVX2) or 2 (AVX-512): all give the same bits but GELU's, which are the same for
  * a given isa. Returns 0; 1 on bad arguments; 2 when out of memory; 3 when this CPU lacks
  * AVX2/FMA (gobo_kernels_simd() tells beforehand: the caller computes another way) or the
  * asked-for isa. */
 GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias,
-                        const float *res, int64_t ldres, int32_t act, int32_t isa, int32_t nthreads) {
+                        const float *res, int64_t ldres, int32_t act, int32_t ln, const float *ln_w, const float *ln_b, float ln_eps,
+                        int32_t isa, int32_t nthreads) {
     if (!gobo_kernels_simd()) return 3;
     if (isa == 0) isa = gobo_qgemm_isa();
     if ((isa == QG_AVX512 && !have_avx512()) || (isa != QG_AVX2 && isa != QG_AVX512)) return 3;
-    if (gobo_qmat_check(q) || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || (res && ldres < q->rows) || act < 0 || act > GOBO_ACT_GELU) return 1;
+    if (gobo_qmat_check(q) || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || (res && ldres < q->rows) || act < 0 || act > GOBO_ACT_GELU ||
+        (ln != 0 && ln != 1) || (ln && !(ln_eps > 0.0f))) return 1;
     if (m == 0 || q->rows == 0) return 0;
     if (q->cols == 0) { /* an empty sum: the bias alone */
         for (int64_t i = 0; i < m; ++i) {
             for (int64_t n = 0; n < q->rows; ++n) y[i * ldy + n] = bias ? bias[n] : 0.0f;
 #if QG_X86
             if (res || act) epilogue_row(y + i * ldy, q->rows, res ? res + i * ldres : NULL, act);
+            if (ln) layer_norm_row(y + i * ldy, q->rows, ln_w, ln_b, ln_eps);
 #endif
         }
         return 0;
     }
     const int nr = isa == QG_AVX512 ? 32 : 16;
-    qg_job j = {.q = q, .x = x, .m = m, .ldx = ldx, .y = y, .ldy = ldy, .bias = bias, .res = res, .ldres = ldres, .act = act, .isa = isa};
+    qg_job j = {.q = q, .x = x, .m = m, .ldx = ldx, .y = y, .ldy = ldy, .bias = bias, .res = res, .ldres = ldres, .act = act, .isa = isa,
+                .ln = ln, .ln_w = ln_w, .ln_b = ln_b, .ln_eps = ln_eps};
     const int64_t panels = (q->rows + nr - 1) / nr;
     int t = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
     if (t > panels) t = (int)panels;
     j.n_per = (panels + t - 1) / t * nr;
     j.nthreads = (int)((q->rows + j.n_per - 1) / j.n_per);
     if (j.nthreads <= 1) {
-        run_thread(&j, 0);
+        job_member(&j, 0, 1);
         return j.status[0];
     }
     pthread_once(&fork_once, fork_init);
@@ -577,7 +654,7 @@ GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t l
             pthread_cond_broadcast(&pool_go);
         }
         pthread_mutex_unlock(&pool_mu);
-        run_thread(&j, 0);
+        job_member(&j, 0, j.nthreads);
         pthread_mutex_lock(&pool_mu);
         while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
         pthread_mutex_unlock(&pool_mu);
