@@ -469,9 +469,9 @@ def linear(
             r2 = residual.reshape(m, n)
             if r2.dtype != torch.float32 or r2.stride() != (n, 1):
                 r2 = r2.to(torch.float32).contiguous()
-        if ln_w is not None:
+        if ln_w is not None and (ln_w.dtype != torch.float32 or not ln_w.is_contiguous()):
             ln_w = ln_w.detach().to(torch.float32).contiguous()
-        if ln_b is not None:
+        if ln_b is not None and (ln_b.dtype != torch.float32 or not ln_b.is_contiguous()):
             ln_b = ln_b.detach().to(torch.float32).contiguous()
         rc = _lib().gobo_qgemm(
             qref, x2.data_ptr(), m, k, y.data_ptr(), n, None if bias is None else bias.data_ptr(),

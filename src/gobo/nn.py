@@ -44,8 +44,8 @@ class _Packed(nn.Module):
         self.rows, self.cols, self.bits, self.group_rows = p.rows, p.cols, p.bits, p.group_rows
         for name in _FIELDS:
             self.register_buffer(name, getattr(p, name))
-        self._qmat_key: tuple | None = None
-        self._qmat: kernels.QMat | None = None
+        #: (buffer pointers and dtypes, Packed, QMat) of the last call
+        self._view: tuple | None = None
 
     def packed(self) -> kernels.Packed:
         """The module's buffers as a :class:`gobo.kernels.Packed` (no copies)."""
@@ -62,13 +62,16 @@ class _Packed(nn.Module):
             outlier_value=self.outlier_value,
         )
 
-    def _cached_qmat(self, p: kernels.Packed) -> kernels.QMat:
-        # the C view holds raw pointers: rebuild it whenever a buffer was replaced or moved
-        key = tuple(None if t is None else (t.data_ptr(), t.dtype) for t in (p.codes, p.codebook, p.row_scale, p.row_offset, p.outlier_index, p.outlier_value))
-        if key != self._qmat_key:
-            self._qmat = kernels._qmat(p)
-            self._qmat_key = key
-        return self._qmat
+    def _packed_view(self) -> tuple[kernels.Packed, kernels.QMat]:
+        """:meth:`packed` and its C view, built again only when a buffer was replaced or
+        moved (the C view holds raw pointers); a forward pass's fast path."""
+        b = self._buffers
+        key = tuple(None if t is None else (t.data_ptr(), t.dtype) for t in map(b.__getitem__, _FIELDS))
+        view = self._view
+        if view is None or view[0] != key:
+            p = self.packed()
+            view = self._view = (key, p, kernels._qmat(p))
+        return view[1], view[2]
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (a temporary: the module never keeps it)."""
@@ -132,14 +135,13 @@ class QuantLinear(_Packed):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, layer_norm: nn.LayerNorm | None = None) -> torch.Tensor:
         # (..., in_features) -> (..., out_features)
-        p = self.packed()
+        p, q = self._packed_view()
         ln, after = _layer_norm_args(layer_norm, self.out_features)
         if self.use_reference:
             y = kernels.linear_reference(x, p, self.bias, residual=residual, act=self.act, layer_norm=ln)
         else:
             y = kernels.linear(
-                x, p, self.bias, residual=residual, act=self.act, layer_norm=ln, reuse_output=self.reuse_output, tile_rows=self.tile_rows,
-                q=self._cached_qmat(p),
+                x, p, self.bias, residual=residual, act=self.act, layer_norm=ln, reuse_output=self.reuse_output, tile_rows=self.tile_rows, q=q
             )
         return after(y) if after is not None else y
 
@@ -172,12 +174,12 @@ class QuantEmbedding(_Packed):
         return cls(kernels.Packed.from_qtensor(qt), padding_idx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., embedding_dim)
-        p = self.packed()
+        p, q = self._packed_view()
         if self.use_reference or ids.device.type != "cpu" or not kernels.fast_available():
             return kernels.embedding_reference(ids, p)
         flat = ids.reshape(-1).to(torch.int64).contiguous()
         out = torch.empty(flat.numel(), self.embedding_dim, dtype=torch.float32)
-        rc = kernels._lib().gobo_decode_row_list(ctypes.byref(self._cached_qmat(p)), flat.data_ptr(), flat.numel(), out.data_ptr(), 1)
+        rc = kernels._lib().gobo_decode_row_list(ctypes.byref(q), flat.data_ptr(), flat.numel(), out.data_ptr(), 1)
         if rc == 2:
             raise IndexError(f"index out of range in an embedding table of {self.num_embeddings} rows")
         if rc:
