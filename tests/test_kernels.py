@@ -300,6 +300,88 @@ def test_fused_gemm_rejects_a_matrix_whose_codes_do_not_fit_its_shape():
         linear(torch.randn(2, 16), p, q=q)
 
 
+# ---------------------------------------------------------------------------- attention
+
+#: (batch, heads, queries, keys, features): MPNet's own, ragged against the 6/8-row strips and
+#: 16/32-wide panels, one key, one feature
+ATTN_SHAPES = [(1, 12, 128, 128, 64), (2, 3, 7, 13, 5), (1, 1, 1, 1, 1), (3, 2, 33, 65, 40), (2, 4, 9, 9, 64), (1, 2, 50, 17, 96)]
+
+
+def _attn_inputs(b, h, sq, sk, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    # q and v as the (B, S, H, D) projections viewed per head, k contiguous
+    q = torch.randn(b, sq, h, d, generator=g).transpose(1, 2)
+    k = torch.randn(b, h, sk, d, generator=g)
+    v = torch.randn(b, sk, h, d, generator=g).transpose(1, 2)
+    bias = torch.randn(1, h, sq, sk, generator=g)  # a position bias shared by the batch
+    pad = torch.zeros(b, 1, 1, sk)
+    pad[-1, ..., (sk + 1) // 2 :] = torch.finfo(torch.float32).min  # the last sequence is padded
+    return q, k, v, bias + pad
+
+
+@needs_gemm
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_attention_matches_sdpa(isa):
+    for i, shape in enumerate(ATTN_SHAPES):
+        q, k, v, mask = _attn_inputs(*shape, seed=i)
+        for m in (mask, None, mask[..., :1, :], torch.randn(1, shape[3])):  # full, none, broadcast over queries, over all but keys
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            got = kernels.attention(q, k, v, m, isa=isa)
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max().item() <= 2e-6, (shape, None if m is None else tuple(m.shape))
+        scaled = kernels.attention(q, k, v, mask, scale=0.3, isa=isa)
+        assert torch.allclose(scaled, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3), atol=2e-6)
+    # the result views a (B, S, H, D) tensor: merging the heads is free
+    out = kernels.attention(*_attn_inputs(2, 3, 5, 6, 8, seed=0))
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@needs_gemm
+def test_attention_gives_the_same_bits_on_any_threads_and_kernel(gemm_threads):
+    # each (batch, head) is computed by one thread with the same code, and both inner kernels
+    # sum in the same order: the same bits whichever thread takes it
+    before = torch.get_num_threads()
+    try:
+        for i, shape in enumerate(ATTN_SHAPES):
+            q, k, v, mask = _attn_inputs(*shape, seed=10 + i)
+            outs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                outs += [kernels.attention(q, k, v, mask, isa=isa) for isa in ISAS_HERE]
+            assert all(torch.equal(outs[0], o) for o in outs[1:]), shape
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_gemm
+def test_attention_edge_cases_and_arguments():
+    q, k, v, _ = _attn_inputs(1, 2, 4, 5, 8, seed=3)
+    # a query that may attend to nothing gets zeros; the others are unaffected
+    mask = torch.zeros(1, 2, 4, 5)
+    mask[0, 1, 2] = -float("inf")
+    out = kernels.attention(q, k, v, mask)
+    assert torch.equal(out[0, 1, 2], torch.zeros(8))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    keep = torch.ones(1, 2, 4, dtype=torch.bool)
+    keep[0, 1, 2] = False
+    assert (out[keep] - ref[keep]).abs().max().item() <= 2e-6
+    # autograd goes to PyTorch's attention, with the same values
+    qg = q.clone().requires_grad_(True)
+    y = kernels.attention(qg, k, v, mask)
+    assert y.grad_fn is not None
+    assert torch.allclose(y.detach()[keep], out[keep], atol=2e-6)
+    with pytest.raises(ValueError, match="additive"):
+        kernels.attention(q, k, v, torch.ones(1, 2, 4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="broadcast"):
+        kernels.attention(q, k, v, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="k and v"):
+        kernels.attention(q, k, v[..., :7])
+    with pytest.raises(ValueError, match="batch, heads"):
+        kernels.attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="kernel"):
+        kernels.attention(q, k, v, isa="sse")
+
+
 @pytest.fixture(params=["openmp", "pool"])
 def gemm_threads(request):
     """Each GEMM test runs on torch's OpenMP team and on gobo's own thread pool."""

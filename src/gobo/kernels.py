@@ -30,6 +30,7 @@ instruction set; its GELU differs from ``torch.nn.functional.gelu`` by float32 r
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -168,6 +169,8 @@ def _lib():
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
         ctypes.c_int32, ctypes.c_int32,
     ]
+    so.gobo_attention.restype = ctypes.c_int
+    so.gobo_attention.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int32, ctypes.c_int32]
     so.gobo_qgemm_isa.restype = ctypes.c_int
     so.gobo_qgemm_isa.argtypes = []
     so.gobo_qgemm_use_openmp.restype = None
@@ -500,6 +503,65 @@ def linear(
         else:
             torch.addmm(bias[r0:r1], x2, w.t(), out=y[:, r0:r1])
     return _epilogue(y.reshape(*lead, n), residual, act, layer_norm)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None,
+              *, isa: str | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` (``scaled_dot_product_attention`` without dropout or
+    causal masking) for q ``(B, H, SQ, D)``, k and v ``(B, H, SK, D)``, float32 on the CPU;
+    ``mask`` is added to the scaled scores (float, broadcastable to ``(B, H, SQ, SK)``) and
+    ``scale`` defaults to ``1 / sqrt(D)``.
+
+    The native kernel runs each (batch, head) pair on one of ``torch.get_num_threads()``
+    threads: the scores by the GEMM's inner kernel, a softmax per row (exp within 2 ulp), the
+    weighted sum of v by the inner kernel again. The result is a ``(B, H, SQ, D)`` view of a
+    ``(B, SQ, H, D)`` tensor, so that ``out.transpose(1, 2).reshape(B, SQ, H * D)`` is free.
+    A query whose scores are all -inf gets zeros. Where the kernel does not run (no AVX2/FMA,
+    autograd, another dtype or device) this is ``scaled_dot_product_attention``.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k and v must be (batch, heads, positions, features)")
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    if tuple(k.shape) != (b, h, sk, d) or tuple(v.shape) != (b, h, sk, d):
+        raise ValueError(f"k and v must be {(b, h, 'keys', d)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if isa is not None and isa not in _ISAS:
+        raise ValueError(f"unknown kernel {isa!r}; expected one of {', '.join(_ISAS)} or None")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            raise ValueError("the mask must be additive (float), not boolean")
+        try:
+            mask = mask.expand(b, h, sq, sk)
+        except RuntimeError:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to {(b, h, sq, sk)}") from None
+    tensors = [t for t in (q, k, v, mask) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if needs_grad or sk == 0 or d == 0 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or not fast_available():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if mask is not None and mask.stride(-1) not in (0, 1):
+        mask = mask.contiguous()
+    out = torch.empty(b, sq, h, d, dtype=torch.float32)
+    strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (q, k, v)]
+    ostride = (ctypes.c_int64 * 3)(sq * h * d, d, h * d)
+    mstride = (ctypes.c_int64 * 4)(*mask.stride()) if mask is not None else None
+    rc = _lib().gobo_attention(
+        q.data_ptr(), strides[0], k.data_ptr(), strides[1], v.data_ptr(), strides[2],
+        None if mask is None else mask.data_ptr(), mstride, out.data_ptr(), ostride,
+        b, h, sq, sk, d, float(scale), _ISAS.get(isa, 0), torch.get_num_threads(),
+    )
+    if rc == 2:
+        raise MemoryError("no memory for the attention's scratch buffers")
+    if rc == 3 and isa is not None:
+        raise ValueError(f"this CPU cannot run the {isa} kernel")
+    if rc:
+        raise ValueError("the native attention rejected its arguments")
+    return out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------- embedding

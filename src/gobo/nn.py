@@ -307,10 +307,10 @@ def _is_residual_output(mod: nn.Module) -> bool:
 
 class FusedAttention(nn.Module):
     """MPNet's attention block, ``LayerNorm(dropout(o(attention(q(h), k(h), v(h)))) + h)`` with
-    the scores' additive mask and relative-position bias, computed with one
-    ``scaled_dot_product_attention`` call (instead of two batched matmuls, the scaling, two
-    adds, the softmax and a copy: one pass of threads instead of about eight) and the residual
-    add in the output GEMM. Same submodules and state-dict names as the module it replaces;
+    the scores' additive mask and relative-position bias, computed by one call of
+    :func:`gobo.kernels.attention` (instead of two batched matmuls, the scaling, two adds,
+    the softmax and a copy: one pass of threads instead of about eight), and the residual
+    add and LayerNorm in the output GEMM. Same submodules and state-dict names as the module it replaces;
     asked for the attention probabilities, or in training mode with dropout, it runs the
     original forward."""
 
@@ -334,8 +334,8 @@ class FusedAttention(nn.Module):
             mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, torch.finfo(q.dtype).min)
         if position_bias is not None:
             mask = position_bias if mask is None else position_bias + mask
-        c = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(a.attention_head_size))
-        c = c.transpose(1, 2).reshape(*hidden_states.shape[:-1], a.all_head_size)
+        c = kernels.attention(q, k, v, mask, scale=1.0 / math.sqrt(a.attention_head_size))
+        c = c.transpose(1, 2).reshape(*hidden_states.shape[:-1], a.all_head_size)  # a view: the kernel writes (B, S, H, D)
         return (a.o(c, residual=hidden_states, layer_norm=self.LayerNorm),)
 
 
@@ -386,11 +386,13 @@ def fuse_epilogues(model: nn.Module) -> dict[str, int]:
     * the erf GELU after a feed-forward's first matrix (the pairs in ``_ACT_PAIRS``): the
       :class:`QuantLinear` applies it (``act="gelu"``), writing into a reused buffer, and the
       activation becomes Identity;
-    * the residual add of ``*Output`` modules (dense, dropout, ``LayerNorm(h + input)``):
-      replaced by :class:`FusedOutput`, which passes the input to the GEMM as its residual.
+    * the residual add and LayerNorm of ``*Output`` modules (dense, dropout,
+      ``LayerNorm(h + input)``): replaced by :class:`FusedOutput`, which passes the input to
+      the GEMM as its residual and the LayerNorm to apply after it.
     * MPNet's attention blocks (``MPNetAttention``, whose attention has no fused form in
-      transformers): replaced by :class:`FusedAttention` (one scaled_dot_product_attention
-      call, the residual add in the output GEMM), where it computes what they compute.
+      transformers): replaced by :class:`FusedAttention` (one :func:`gobo.kernels.attention`
+      call, the residual add and LayerNorm in the output GEMM), where it computes what they
+      compute.
 
     Anything else is left alone. Outputs match the unfused model's to float32 rounding (the
     GELU's erf is the same approximation PyTorch vectorises). Returns the counts fused.

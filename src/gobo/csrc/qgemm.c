@@ -15,11 +15,17 @@
  * Every output is summed in the same order (bias, then k = 0, 1, ..., then the residual)
  * whatever the thread count, batch size or instruction set, so the result depends on none of
  * them. The optional epilogue (residual add, then GELU) runs on each tile of y right after
- * its last block of k, while the tile is in L1. Threads split the output features (each
+ * its last block of k, while the tile is in L1; an optional LayerNorm then normalises each
+ * row once all threads have finished their columns. Threads split the output features (each
  * decodes only its own rows) and come from the host's OpenMP team or a small pool of POSIX
  * threads created on first use; idle workers sleep on a condition variable.
+ *
+ * gobo_attention (softmax(q k^T * scale + mask) v per batch and head) reuses the same inner
+ * kernels on the same threads: the scores against panels of k^T, the softmax per row, the
+ * probabilities against panels of v.
  */
 #define _GNU_SOURCE
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -67,6 +73,20 @@ typedef struct {
     int nthreads;
     int status[MAX_THREADS];
 } qg_job;
+
+/* attention: out = softmax(q k^T * scale + mask) v for every (batch, head); each tensor is
+ * addressed through its strides (in floats; the feature dimension is contiguous) */
+typedef struct {
+    const float *q, *k, *v, *mask;
+    float *out;
+    int64_t B, H, SQ, SK, D;
+    int64_t qs[3], ks[3], vs[3], os[3]; /* batch, head, position */
+    int64_t ms[4];                      /* batch, head, query, key (0 where broadcast) */
+    float scale;
+    int isa;
+    int64_t next; /* the next (batch, head) pair to claim */
+    int status[MAX_THREADS];
+} qa_job;
 
 enum { QG_AVX2 = 1, QG_AVX512 = 2 };
 enum { GOBO_ACT_NONE = 0, GOBO_ACT_GELU = 1 };
@@ -465,7 +485,120 @@ static int have_avx512(void) {
     return cached;
 }
 
+/* ------------------------------------------------------------------------- attention */
+
+/* one row of scores in place: x = s * scale + mask over [0, n) (mask read every mstride
+ * floats; NULL: none), then exp(x - max x) / sum, and zeros over [n, npad). A row whose x are
+ * all -inf comes out zero. */
+static AVX2 void softmax_row(float *s, int64_t n, int64_t npad, float scale, const float *mask, int64_t mstride) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 mx8 = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    if (!mask || mstride == 1) {
+        for (; j + 8 <= n; j += 8) {
+            __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), sc);
+            if (mask) x = _mm256_add_ps(x, _mm256_loadu_ps(mask + j));
+            _mm256_storeu_ps(s + j, x);
+            mx8 = _mm256_max_ps(mx8, x);
+        }
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mx8);
+    float mx = lanes[0];
+    for (int i = 1; i < 8; ++i) mx = lanes[i] > mx ? lanes[i] : mx;
+    for (; j < n; ++j) {
+        s[j] = s[j] * scale + (mask ? mask[j * mstride] : 0.0f);
+        mx = s[j] > mx ? s[j] : mx;
+    }
+    if (mx == -INFINITY) {
+        memset(s, 0, sizeof(float) * (size_t)npad);
+        return;
+    }
+    const __m256 m8 = _mm256_set1_ps(mx);
+    __m256 sum8 = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m8));
+        _mm256_storeu_ps(s + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    if (j < n) { /* the tail through a padded copy: the same arithmetic as the rest */
+        float t[8];
+        for (int i = 0; i < 8; ++i) t[i] = j + i < n ? s[j + i] - mx : -INFINITY;
+        const __m256 e = exp_neg8(_mm256_loadu_ps(t));
+        _mm256_storeu_ps(t, _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(_mm256_loadu_ps(t), _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ)));
+        for (int i = 0; j + i < n; ++i) s[j + i] = t[i];
+        sum8 = _mm256_add_ps(sum8, _mm256_loadu_ps(t));
+    }
+    _mm256_storeu_ps(lanes, sum8);
+    const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    const __m256 r8 = _mm256_set1_ps(1.0f / sum);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), r8));
+    for (; j < n; ++j) s[j] *= 1.0f / sum;
+    for (j = n; j < npad; ++j) s[j] = 0.0f;
+}
+
+/* the attention of one (batch, head) with the MR x NR kernel: the scores q k^T by the GEMM
+ * kernel against panels of k^T, a softmax per row, then the rows of probabilities by the
+ * kernel against panels of v, written straight into out */
+INLINE AVX2 int attention_task_t(const qa_job *j, int64_t b, int64_t h, const int MR, const int NR,
+                                 void (*kernel)(int64_t, const float *, int64_t, const float *, float *, int64_t, const float *, int)) {
+    const int64_t SQ = j->SQ, SK = j->SK, D = j->D;
+    const int64_t skp = (SK + NR - 1) / NR * NR, dp = (D + NR - 1) / NR * NR, sqp = (SQ + MR - 1) / MR * MR;
+    float *buf = scratch(D * skp + sqp * skp + SK * dp + MR * D + MR * NR);
+    if (!buf) return 2;
+    float *kt = buf, *p = kt + D * skp, *vp = p + sqp * skp, *apad = vp + SK * dp, *ctmp = apad + MR * D;
+    const float *Q = j->q + b * j->qs[0] + h * j->qs[1], *K = j->k + b * j->ks[0] + h * j->ks[1], *V = j->v + b * j->vs[0] + h * j->vs[1];
+    const float *Mk = j->mask ? j->mask + b * j->ms[0] + h * j->ms[1] : NULL;
+    float *O = j->out + b * j->os[0] + h * j->os[1];
+    for (int64_t c = 0; c < skp; ++c) { /* k^T in panels of NR keys: panel[d * NR + key] */
+        float *dst = kt + (c / NR) * D * NR + c % NR;
+        const float *kr = K + c * j->ks[2];
+        for (int64_t d = 0; d < D; ++d) dst[d * NR] = c < SK ? kr[d] : 0.0f;
+    }
+    for (int64_t i0 = 0; i0 < SQ; i0 += MR) {
+        const int64_t mr = SQ - i0 < MR ? SQ - i0 : MR;
+        const float *A = Q + i0 * j->qs[2];
+        int64_t lda = j->qs[2];
+        if (mr < MR) {
+            pad_a(A, lda, mr, D, apad, MR);
+            A = apad;
+            lda = D;
+        }
+        for (int64_t pn = 0; pn < skp / NR; ++pn) kernel(D, A, lda, kt + pn * D * NR, p + i0 * skp + pn * NR, skp, NULL, 0);
+    }
+    for (int64_t i = 0; i < SQ; ++i) softmax_row(p + i * skp, SK, skp, j->scale, Mk ? Mk + i * j->ms[2] : NULL, j->ms[3]);
+    if (sqp > SQ) memset(p + SQ * skp, 0, sizeof(float) * (size_t)((sqp - SQ) * skp));
+    for (int64_t c = 0; c < SK; ++c) { /* v in panels of NR features: panel[key * NR + feature] */
+        const float *vr = V + c * j->vs[2];
+        for (int64_t pn = 0; pn < dp / NR; ++pn) {
+            float *dst = vp + pn * SK * NR + c * NR;
+            for (int64_t e = 0; e < NR; ++e) dst[e] = pn * NR + e < D ? vr[pn * NR + e] : 0.0f;
+        }
+    }
+    for (int64_t i0 = 0; i0 < SQ; i0 += MR) {
+        const int64_t mr = SQ - i0 < MR ? SQ - i0 : MR;
+        for (int64_t pn = 0; pn < dp / NR; ++pn) {
+            const int64_t d0 = pn * NR, nc = D - d0 < NR ? D - d0 : NR;
+            float *C = O + i0 * j->os[2] + d0;
+            if (mr == MR && nc == NR) {
+                kernel(SK, p + i0 * skp, skp, vp + pn * SK * NR, C, j->os[2], NULL, 0);
+            } else {
+                kernel(SK, p + i0 * skp, skp, vp + pn * SK * NR, ctmp, NR, NULL, 0);
+                for (int64_t r = 0; r < mr; ++r) memcpy(C + r * j->os[2], ctmp + r * NR, sizeof(float) * (size_t)nc);
+            }
+        }
+    }
+    return 0;
+}
+
+static AVX2 int attention_task_avx2(const qa_job *j, int64_t b, int64_t h) { return attention_task_t(j, b, h, 6, 16, kernel_avx2); }
+static AVX512 int attention_task_avx512(const qa_job *j, int64_t b, int64_t h) { return attention_task_t(j, b, h, 8, 32, kernel_avx512); }
+static int attention_task(const qa_job *j, int64_t b, int64_t h) {
+    return j->isa == QG_AVX512 ? attention_task_avx512(j, b, h) : attention_task_avx2(j, b, h);
+}
+
 #else
+static int attention_task(const qa_job *j, int64_t b, int64_t h) { (void)j; (void)b; (void)h; return 3; }
 static int run_part(const qg_job *j, int64_t n_lo, int64_t n_hi) { (void)j; (void)n_lo; (void)n_hi; return 3; }
 static int have_avx512(void) { return 0; }
 #endif
@@ -496,7 +629,18 @@ static void job_member(qg_job *j, int t, int team) {
 #endif
 }
 
+static void gemm_member(void *arg, int t, int team) { job_member(arg, t, team); }
+
 /* ------------------------------------------------------------------------- thread pool */
+
+/* work for a team of threads: member(arg, t, team) runs on each thread t of the team that
+ * came (team <= want; the caller is thread 0) and must do all the work whatever team is */
+typedef struct {
+    void (*member)(void *arg, int t, int team);
+    void *arg;
+    int want;
+    int team;
+} qg_task;
 
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;   /* guards the fields below */
 static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER;
@@ -504,7 +648,7 @@ static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;   /* one GEMM at a time uses the pool */
 static int pool_size;          /* workers started (thread ids 1..pool_size) */
 static uint64_t pool_gen;
-static qg_job *pool_job;
+static qg_task *pool_task;
 static int pool_pending;
 
 typedef struct { int id; uint64_t gen; } qg_start;
@@ -519,9 +663,9 @@ static void *worker(void *arg) {
     for (;;) {
         while (pool_gen == seen) pthread_cond_wait(&pool_go, &pool_mu);
         seen = pool_gen;
-        qg_job *j = pool_job;
+        qg_task *tk = pool_task;
         pthread_mutex_unlock(&pool_mu);
-        if (id < j->nthreads) job_member(j, id, j->nthreads);
+        if (id < tk->team) tk->member(tk->arg, id, tk->team);
         pthread_mutex_lock(&pool_mu);
         if (--pool_pending == 0) pthread_cond_signal(&pool_done);
     }
@@ -555,10 +699,9 @@ GOBO_API void gobo_qgemm_use_openmp(void *gomp_parallel, void *omp_get_thread_nu
 GOBO_API int gobo_qgemm_openmp(void) { return host_parallel != NULL; }
 
 static void team_body(void *arg) {
-    /* every member takes the parts t, t + team, ...: all parts run even when the runtime
-     * grants fewer threads than asked (a nested region gets one) */
-    qg_job *j = arg;
-    job_member(j, host_thread_num(), host_num_threads());
+    /* the runtime may grant fewer threads than asked (a nested region gets one) */
+    qg_task *tk = arg;
+    tk->member(tk->arg, host_thread_num(), host_num_threads());
 }
 
 static void after_fork_child(void) {
@@ -590,6 +733,36 @@ static int grow_pool(int want) {
         ++pool_size;
     }
     return pool_size;
+}
+
+/* runs tk on up to tk->want threads: torch's OpenMP team where handed over, else the pool
+ * (one task at a time), the caller always among them */
+static void run_team(qg_task *tk) {
+    if (tk->want <= 1) {
+        tk->member(tk->arg, 0, 1);
+        return;
+    }
+    pthread_once(&fork_once, fork_init);
+    if (host_parallel) {
+        host_parallel(team_body, tk, (unsigned)tk->want, 0);
+        return;
+    }
+    pthread_mutex_lock(&call_mu);
+    pthread_mutex_lock(&pool_mu);
+    const int have = grow_pool(tk->want - 1) + 1;
+    tk->team = have < tk->want ? have : tk->want;
+    if (tk->team > 1) {
+        pool_task = tk;
+        pool_pending = pool_size;
+        ++pool_gen;
+        pthread_cond_broadcast(&pool_go);
+    }
+    pthread_mutex_unlock(&pool_mu);
+    tk->member(tk->arg, 0, tk->team);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+    pthread_mutex_unlock(&call_mu);
 }
 
 /* ------------------------------------------------------------------------- entry points */
@@ -635,32 +808,52 @@ GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t l
     if (t > panels) t = (int)panels;
     j.n_per = (panels + t - 1) / t * nr;
     j.nthreads = (int)((q->rows + j.n_per - 1) / j.n_per);
-    if (j.nthreads <= 1) {
-        job_member(&j, 0, 1);
-        return j.status[0];
-    }
-    pthread_once(&fork_once, fork_init);
-    if (host_parallel) {
-        host_parallel(team_body, &j, (unsigned)j.nthreads, 0);
-    } else {
-        pthread_mutex_lock(&call_mu);
-        pthread_mutex_lock(&pool_mu);
-        if (grow_pool(j.nthreads - 1) < j.nthreads - 1) j.nthreads = pool_size + 1;
-        if (j.nthreads > 1) {
-            j.n_per = (panels + j.nthreads - 1) / j.nthreads * nr;
-            pool_job = &j;
-            pool_pending = pool_size;
-            ++pool_gen;
-            pthread_cond_broadcast(&pool_go);
-        }
-        pthread_mutex_unlock(&pool_mu);
-        job_member(&j, 0, j.nthreads);
-        pthread_mutex_lock(&pool_mu);
-        while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
-        pthread_mutex_unlock(&pool_mu);
-        pthread_mutex_unlock(&call_mu);
-    }
+    qg_task tk = {.member = gemm_member, .arg = &j, .want = j.nthreads};
+    run_team(&tk);
     for (int i = 0; i < j.nthreads; ++i)
+        if (j.status[i]) return j.status[i];
+    return 0;
+}
+
+static void attention_member(void *arg, int t, int team) {
+    /* pairs are claimed one at a time, so that a thread that woke late takes fewer */
+    qa_job *j = arg;
+    (void)team;
+    for (int64_t task; (task = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED)) < j->B * j->H;) {
+        const int rc = attention_task(j, task / j->H, task % j->H);
+        if (rc) j->status[t] = rc;
+    }
+}
+
+/* out = softmax(q k^T * scale + mask) v for B x H (batch, head) pairs: q (SQ x D), k and v
+ * (SK x D) and out (SQ x D) per pair, each tensor given by its strides in floats (qs, ks, vs,
+ * os: batch, head, position; the D features contiguous), mask (NULL, or SQ x SK per pair,
+ * strides ms: batch, head, query, key, 0 where broadcast) added to the scaled scores. The
+ * pairs are shared among up to nthreads threads (the GEMM's); every output is computed by
+ * the same code whatever the thread count. A query whose scores are all -inf gets zeros.
+ * isa as for gobo_qgemm. Returns 0; 1 on bad arguments; 2 when out of memory; 3 when this
+ * CPU lacks AVX2/FMA or the asked-for isa. */
+GOBO_API int gobo_attention(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v, const int64_t *vs,
+                            const float *mask, const int64_t *ms, float *out, const int64_t *os, int64_t B, int64_t H, int64_t SQ,
+                            int64_t SK, int64_t D, float scale, int32_t isa, int32_t nthreads) {
+    if (!gobo_kernels_simd()) return 3;
+    if (isa == 0) isa = gobo_qgemm_isa();
+    if ((isa == QG_AVX512 && !have_avx512()) || (isa != QG_AVX2 && isa != QG_AVX512)) return 3;
+    if (!q || !qs || !k || !ks || !v || !vs || !out || !os || (mask && !ms) || B < 0 || H < 0 || SQ < 0 || SK < 1 || D < 1) return 1;
+    if (B == 0 || H == 0 || SQ == 0) return 0;
+    qa_job j = {.q = q, .k = k, .v = v, .mask = mask, .out = out, .B = B, .H = H, .SQ = SQ, .SK = SK, .D = D, .scale = scale, .isa = isa};
+    for (int i = 0; i < 3; ++i) {
+        j.qs[i] = qs[i];
+        j.ks[i] = ks[i];
+        j.vs[i] = vs[i];
+        j.os[i] = os[i];
+    }
+    for (int i = 0; i < 4; ++i) j.ms[i] = mask ? ms[i] : 0;
+    int t = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
+    if (t > B * H) t = (int)(B * H);
+    qg_task tk = {.member = attention_member, .arg = &j, .want = t};
+    run_team(&tk);
+    for (int i = 0; i < t; ++i)
         if (j.status[i]) return j.status[i];
     return 0;
 }
