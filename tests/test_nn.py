@@ -137,7 +137,21 @@ def test_fuse_epilogues_on_every_architecture(arch):
         plain = unfused(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (got - want).abs().max().item() <= 1e-5
     assert (plain - want).abs().max().item() <= 1e-5
-    if counts["attention"]:  # asked for the attention probabilities, it computes them the original way
+    if counts["attention"]:
+        # the layers' score mask (position bias + padding) is made once per forward pass
+        import gobo.nn as gnn
+
+        made = []
+        real = gnn._make_score_mask
+        gnn._make_score_mask = lambda *a: made.append(1) or real(*a)
+        try:
+            with torch.inference_mode():
+                again = packed(input_ids=ids, attention_mask=mask).last_hidden_state
+                packed(input_ids=ids, attention_mask=mask)
+        finally:
+            gnn._make_score_mask = real
+        assert len(made) == 2 and torch.equal(again, got)  # once in each of the two passes
+        # asked for the attention probabilities, it computes them the original way
         with torch.inference_mode():
             a = packed(input_ids=ids, attention_mask=mask, output_attentions=True)
             b = unfused(input_ids=ids, attention_mask=mask, output_attentions=True)

@@ -21,6 +21,8 @@ import ctypes
 import inspect
 import math
 import os
+import threading
+import weakref
 from typing import Mapping
 
 import torch
@@ -329,14 +331,51 @@ class FusedAttention(nn.Module):
         q = a.q(hidden_states).view(shape).transpose(1, 2)
         k = a.k(hidden_states).view(shape).transpose(1, 2)
         v = a.v(hidden_states).view(shape).transpose(1, 2)
-        mask = attention_mask
-        if mask is not None and mask.dtype == torch.bool:  # True: attend (an additive mask in the eager form)
-            mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, torch.finfo(q.dtype).min)
-        if position_bias is not None:
-            mask = position_bias if mask is None else position_bias + mask
-        c = kernels.attention(q, k, v, mask, scale=1.0 / math.sqrt(a.attention_head_size))
+        c = kernels.attention(q, k, v, _score_mask(position_bias, attention_mask), scale=1.0 / math.sqrt(a.attention_head_size))
         c = c.transpose(1, 2).reshape(*hidden_states.shape[:-1], a.all_head_size)  # a view: the kernel writes (B, S, H, D)
         return (a.o(c, residual=hidden_states, layer_norm=self.LayerNorm),)
+
+
+def _make_score_mask(position_bias: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:  # True: attend (an additive mask in the eager form)
+        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    if position_bias is not None:
+        mask = position_bias if mask is None else position_bias + mask
+    if mask is not None and mask.stride(-1) != 1:  # MPNet's bias is a permuted view
+        mask = mask.contiguous()
+    return mask
+
+
+#: per thread: how deep in forward passes of models with a FusedAttention, and the score
+#: mask made last in the current one
+_scope = threading.local()
+
+
+def _enter_forward(module, args) -> None:
+    _scope.depth = getattr(_scope, "depth", 0) + 1
+
+
+def _leave_forward(module, args, output) -> None:
+    _scope.depth = getattr(_scope, "depth", 1) - 1
+    if _scope.depth <= 0:
+        _scope.__dict__.pop("mask", None)
+
+
+def _score_mask(position_bias: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``position_bias + attention_mask`` (either may be None; a boolean mask becomes
+    additive), contiguous along the keys. Every layer of an MPNet forward pass gets the same
+    two tensors: within one forward pass of the model (the hooks :func:`fuse_epilogues`
+    sets), the sum is made once and reused while the same two tensors come."""
+    inside = getattr(_scope, "depth", 0) > 0
+    if inside:
+        last = getattr(_scope, "mask", None)
+        if last is not None and all(r() is t if r is not None else t is None for r, t in zip(last[0], (position_bias, attention_mask))):
+            return last[1]
+    mask = _make_score_mask(position_bias, attention_mask)
+    if inside and mask is not None and mask is not position_bias and mask is not attention_mask:
+        _scope.mask = (tuple(None if t is None else weakref.ref(t) for t in (position_bias, attention_mask)), mask)
+    return mask
 
 
 def _is_mpnet_attention(mod: nn.Module) -> bool:
@@ -416,6 +455,11 @@ def fuse_epilogues(model: nn.Module) -> dict[str, int]:
             fused.train(mod.training)
             _set_submodule(model, name, fused)
             counts["attention"] += 1
+    if counts["attention"] and not getattr(model, "_gobo_forward_scope", False):
+        # the score mask of all the layers is made once per forward pass of the whole model
+        model.register_forward_pre_hook(_enter_forward)
+        model.register_forward_hook(_leave_forward, always_call=True)
+        model._gobo_forward_scope = True
     return counts
 
 
