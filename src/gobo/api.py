@@ -182,7 +182,7 @@ def load(outdir: str | os.PathLike, *, packed: bool = False, fuse: bool = True):
     :class:`gobo.nn.QuantEmbedding`, which decode on the fly (CPU kernels in
     :mod:`gobo.kernels`); outputs match the dequantized model's. There ``fuse`` (default)
     also folds the feed-forward's GELU and the residual adds before LayerNorms into the
-    packed GEMMs and runs MPNet's attention as one fused call (:func:`gobo.nn.fuse_epilogues`),
+    packed GEMMs and runs the attention on gobo's kernel (:func:`gobo.nn.fuse_epilogues`),
     which matches to float32 rounding;
     ``fuse=False`` keeps every operation of the original model.
     """

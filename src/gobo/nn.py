@@ -378,6 +378,83 @@ def _score_mask(position_bias: torch.Tensor | None, attention_mask: torch.Tensor
     return mask
 
 
+#: the name gobo's attention is registered under in transformers' AttentionInterface
+ATTENTION_NAME = "gobo"
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function protocol (``AttentionInterface``) on
+    :func:`gobo.kernels.attention`; what it does not cover (dropout in training, causal or
+    grouped-query attention, a position bias, soft-capping, attention probabilities) goes to
+    transformers' ``sdpa`` function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    if ((dropout and module.training) or causal or key.shape[1] != query.shape[1] or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
+            or (attention_mask is not None and attention_mask.dim() != 4)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    seen = getattr(_scope, "attention_modules", None)
+    if seen is not None:
+        seen.add(id(module))
+    out = kernels.attention(query, key, value, _score_mask(None, attention_mask), scale=scaling)
+    return out.transpose(1, 2), None  # (B, S, H, D), contiguous: what the sdpa function returns
+
+
+def _register_attention() -> bool:
+    """Registers :func:`_attention_forward` (with sdpa's mask format) in transformers; False
+    where this transformers has no attention interface."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(ATTENTION_NAME, _attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return True
+
+
+def _use_gobo_attention(model: nn.Module) -> int:
+    """Switches a transformers model whose attention goes through ``AttentionInterface`` with
+    ``sdpa`` to gobo's attention, if it then gives the same output on a random padded batch
+    (else it is switched back). Returns the number of attention modules that use it."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return 0
+    if not (hasattr(model, "_can_set_attn_implementation") and model._can_set_attn_implementation()) or not _register_attention():
+        return 0
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab < 8:
+        return 0
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (2, 7), generator=gen)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    seen: set = set()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask)[0]
+            model.set_attn_implementation(ATTENTION_NAME)
+            _scope.attention_modules = seen  # which modules run through it
+            try:
+                got = model(input_ids=ids, attention_mask=mask)[0]
+            finally:
+                _scope.attention_modules = None
+        ok = isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.allclose(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5))
+    except Exception:  # noqa: BLE001  (a model this does not fit keeps sdpa)
+        ok = False
+    finally:
+        model.train(was_training)
+    if not ok or not seen:
+        if config._attn_implementation == ATTENTION_NAME:
+            model.set_attn_implementation("sdpa")
+        return 0
+    return len(seen)
+
+
 def _is_mpnet_attention(mod: nn.Module) -> bool:
     """A module shaped like ``MPNetAttention``: children ``attn`` (packed ``q``, ``k``, ``v``,
     ``o`` without activation, and ``dropout``), ``LayerNorm`` and ``dropout``;
@@ -432,6 +509,10 @@ def fuse_epilogues(model: nn.Module) -> dict[str, int]:
       transformers): replaced by :class:`FusedAttention` (one :func:`gobo.kernels.attention`
       call, the residual add and LayerNorm in the output GEMM), where it computes what they
       compute.
+    * models whose attention goes through transformers' ``AttentionInterface`` with ``sdpa``
+      (BERT, RoBERTa, ELECTRA, DistilBERT, ALBERT): switched to gobo's attention function
+      (``config._attn_implementation == "gobo"``, the same kernel), where a random padded
+      batch gives the same output.
 
     Anything else is left alone. Outputs match the unfused model's to float32 rounding (the
     GELU's erf is the same approximation PyTorch vectorises). Returns the counts fused.
@@ -455,6 +536,7 @@ def fuse_epilogues(model: nn.Module) -> dict[str, int]:
             fused.train(mod.training)
             _set_submodule(model, name, fused)
             counts["attention"] += 1
+    counts["attention"] += _use_gobo_attention(model)
     if counts["attention"] and not getattr(model, "_gobo_forward_scope", False):
         # the score mask of all the layers is made once per forward pass of the whole model
         model.register_forward_pre_hook(_enter_forward)
