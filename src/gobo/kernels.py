@@ -398,6 +398,16 @@ def _check_layer_norm(layer_norm: tuple | None, n: int) -> None:
         raise ValueError(f"layer_norm eps must be a positive number, got {eps!r}")
 
 
+def _check_native(rc: int, what: str, isa: str | None) -> None:
+    """Raises for a non-zero return code of the native GEMM or attention."""
+    if rc == 2:
+        raise MemoryError(f"no memory for the {what}'s scratch buffers")
+    if rc == 3 and isa is not None:
+        raise ValueError(f"this CPU cannot run the {isa} kernel")
+    if rc:
+        raise ValueError(f"the native {what} rejected its arguments")
+
+
 def _check_act(act: str | None) -> None:
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)} or None")
@@ -482,12 +492,7 @@ def linear(
             int(layer_norm is not None), None if ln_w is None else ln_w.data_ptr(), None if ln_b is None else ln_b.data_ptr(), float(ln_eps),
             _ISAS.get(isa, 0), torch.get_num_threads(),
         )
-        if rc == 2:
-            raise MemoryError("no memory for the GEMM's scratch buffers")
-        if rc == 3 and isa is not None:
-            raise ValueError(f"this CPU cannot run the {isa} kernel")
-        if rc:
-            raise ValueError("the native GEMM rejected its arguments")
+        _check_native(rc, "GEMM", isa)
         return y.reshape(*lead, n)
     t = min(tile_rows or tile_rows_for(k), n)
     buf = _scratch_buffer(t * k)
@@ -555,12 +560,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         None if mask is None else mask.data_ptr(), mstride, out.data_ptr(), ostride,
         b, h, sq, sk, d, float(scale), _ISAS.get(isa, 0), torch.get_num_threads(),
     )
-    if rc == 2:
-        raise MemoryError("no memory for the attention's scratch buffers")
-    if rc == 3 and isa is not None:
-        raise ValueError(f"this CPU cannot run the {isa} kernel")
-    if rc:
-        raise ValueError("the native attention rejected its arguments")
+    _check_native(rc, "attention", isa)
     return out.transpose(1, 2)
 
 
