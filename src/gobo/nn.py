@@ -312,9 +312,9 @@ class FusedAttention(nn.Module):
     the scores' additive mask and relative-position bias, computed by one call of
     :func:`gobo.kernels.attention` (instead of two batched matmuls, the scaling, two adds,
     the softmax and a copy: one pass of threads instead of about eight), and the residual
-    add and LayerNorm in the output GEMM. Same submodules and state-dict names as the module it replaces;
-    asked for the attention probabilities, or in training mode with dropout, it runs the
-    original forward."""
+    add and LayerNorm in the output GEMM. Same submodules and state-dict names as the module
+    it replaces; asked for the attention probabilities, or in training mode with dropout, it
+    runs the original forward."""
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -347,7 +347,7 @@ def _make_score_mask(position_bias: torch.Tensor | None, attention_mask: torch.T
     return mask
 
 
-#: per thread: how deep in forward passes of models with a FusedAttention, and the score
+#: per thread: how deep in forward passes of models with gobo's attention, and the score
 #: mask made last in the current one
 _scope = threading.local()
 
