@@ -408,6 +408,11 @@ def _check_native(rc: int, what: str, isa: str | None) -> None:
         raise ValueError(f"the native {what} rejected its arguments")
 
 
+def _check_isa(isa: str | None) -> None:
+    if isa is not None and isa not in _ISAS:
+        raise ValueError(f"unknown kernel {isa!r}; expected one of {', '.join(_ISAS)} or None")
+
+
 def _check_act(act: str | None) -> None:
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)} or None")
@@ -453,8 +458,7 @@ def linear(
     """
     _check_act(act)
     _check_layer_norm(layer_norm, p.rows)
-    if isa is not None and isa not in _ISAS:
-        raise ValueError(f"unknown kernel {isa!r}; expected one of {', '.join(_ISAS)} or None")
+    _check_isa(isa)
     ln_w, ln_b, ln_eps = layer_norm if layer_norm is not None else (None, None, 0.0)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual, ln_w, ln_b))
     if needs_grad or x.dtype != torch.float32 or x.device.type != "cpu" or not fast_available():
@@ -533,8 +537,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     sk = k.shape[2]
     if tuple(k.shape) != (b, h, sk, d) or tuple(v.shape) != (b, h, sk, d):
         raise ValueError(f"k and v must be {(b, h, 'keys', d)}, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if isa is not None and isa not in _ISAS:
-        raise ValueError(f"unknown kernel {isa!r}; expected one of {', '.join(_ISAS)} or None")
+    _check_isa(isa)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     if mask is not None:

@@ -275,6 +275,31 @@ class FusedOutput(nn.Module):
         return self.dense(hidden_states, residual=input_tensor, layer_norm=self.LayerNorm)
 
 
+def _forward_params(mod: nn.Module) -> list[str]:
+    """The parameter names of ``type(mod).forward`` ([] where they cannot be read)."""
+    try:
+        return list(inspect.signature(type(mod).forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _same_output(mod: nn.Module, want, got) -> bool:
+    """True when ``want()`` (the module's own forward) and ``got()`` (its fused replacement),
+    run with ``mod`` in eval mode and without autograd, give tensors of the same shape that
+    agree to float32 rounding; False where either raises (a forward that does not take these
+    inputs is not the one looked for)."""
+    was_training = mod.training
+    mod.eval()
+    try:
+        with torch.no_grad():
+            a, b = want(), got()
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        mod.train(was_training)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+
+
 def _is_residual_output(mod: nn.Module) -> bool:
     """A module shaped like ``BertOutput``: exactly dense (packed, no activation), LayerNorm and
     dropout, ``forward(hidden_states, input_tensor)``, and the output of
@@ -284,27 +309,13 @@ def _is_residual_output(mod: nn.Module) -> bool:
         return False
     if not (isinstance(children["dense"], QuantLinear) and children["dense"].act is None and isinstance(children["LayerNorm"], nn.LayerNorm) and isinstance(children["dropout"], nn.Dropout)):
         return False
-    try:
-        params = list(inspect.signature(type(mod).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    if params != ["self", "hidden_states", "input_tensor"]:
+    if _forward_params(mod) != ["self", "hidden_states", "input_tensor"]:
         return False
     # and it computes LayerNorm(dense(h) + input): checked on two random tokens, in eval mode
     dense = children["dense"]
     gen = torch.Generator().manual_seed(0)
     h, inp = torch.randn(1, 2, dense.in_features, generator=gen), torch.randn(1, 2, dense.out_features, generator=gen)
-    was_training = mod.training
-    mod.eval()
-    try:
-        with torch.no_grad():
-            want = mod(h, inp)
-            got = dense(h, residual=inp, layer_norm=mod.LayerNorm)
-    except Exception:  # noqa: BLE001  (a forward that does not take these inputs is not one)
-        return False
-    finally:
-        mod.train(was_training)
-    return isinstance(want, torch.Tensor) and want.shape == got.shape and bool(torch.allclose(want, got, rtol=1e-4, atol=1e-5))
+    return _same_output(mod, lambda: mod(h, inp), lambda: dense(h, residual=inp, layer_norm=mod.LayerNorm))
 
 
 class FusedAttention(nn.Module):
@@ -473,27 +484,13 @@ def _is_mpnet_attention(mod: nn.Module) -> bool:
     heads, size, total = (getattr(a, n, None) for n in ("num_attention_heads", "attention_head_size", "all_head_size"))
     if not all(isinstance(n, int) and n > 0 for n in (heads, size, total)) or heads * size != total or lins["q"].out_features != total:
         return False
-    try:
-        params = list(inspect.signature(type(mod).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    if params[:5] != ["self", "hidden_states", "attention_mask", "position_bias", "output_attentions"]:
+    if _forward_params(mod)[:5] != ["self", "hidden_states", "attention_mask", "position_bias", "output_attentions"]:
         return False
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(1, 3, lins["o"].out_features, generator=gen)
     bias = torch.randn(1, heads, 3, 3, generator=gen)
     mask = torch.tensor([0.0, 0.0, torch.finfo(torch.float32).min]).view(1, 1, 1, 3)
-    was_training = mod.training
-    mod.eval()
-    try:
-        with torch.no_grad():
-            want = mod(h, mask, bias)[0]
-            got = FusedAttention(mod).eval()(h, mask, bias)[0]
-    except Exception:  # noqa: BLE001  (a forward that does not take these inputs is not one)
-        return False
-    finally:
-        mod.train(was_training)
-    return isinstance(want, torch.Tensor) and want.shape == got.shape and bool(torch.allclose(want, got, rtol=1e-4, atol=1e-5))
+    return _same_output(mod, lambda: mod(h, mask, bias)[0], lambda: FusedAttention(mod).eval()(h, mask, bias)[0])
 
 
 def fuse_epilogues(model: nn.Module) -> dict[str, int]:

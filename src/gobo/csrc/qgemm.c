@@ -216,6 +216,13 @@ static AVX2 void epilogue_row(float *y, int64_t n, const float *res, int act) {
     }
 }
 
+/* the eight lanes of v added pairwise, in one fixed order */
+INLINE AVX2 float hsum8(__m256 v) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 /* sum of the n floats at y (n >= 0), in four 8-wide partial sums then the tail */
 INLINE AVX2 float sum_row(const float *y, int64_t n, float shift, int square) {
     const __m256 c = _mm256_set1_ps(shift);
@@ -230,10 +237,7 @@ INLINE AVX2 float sum_row(const float *y, int64_t n, float shift, int square) {
         const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(y + i), c);
         s[0] = square ? _mm256_fmadd_ps(d, d, s[0]) : _mm256_add_ps(s[0], d);
     }
-    const __m256 t = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, t);
-    float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    float total = hsum8(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])));
     for (; i < n; ++i) {
         const float d = y[i] - shift;
         total += square ? d * d : d;
@@ -529,8 +533,7 @@ static AVX2 void softmax_row(float *s, int64_t n, int64_t npad, float scale, con
         for (int i = 0; j + i < n; ++i) s[j + i] = t[i];
         sum8 = _mm256_add_ps(sum8, _mm256_loadu_ps(t));
     }
-    _mm256_storeu_ps(lanes, sum8);
-    const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    const float sum = hsum8(sum8);
     const __m256 r8 = _mm256_set1_ps(1.0f / sum);
     for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), r8));
     for (; j < n; ++j) s[j] *= 1.0f / sum;
@@ -771,6 +774,21 @@ static void run_team(qg_task *tk) {
  * neither runs on this CPU */
 GOBO_API int gobo_qgemm_isa(void) { return have_avx512() ? QG_AVX512 : (gobo_kernels_simd() ? QG_AVX2 : 0); }
 
+/* the kernel an entry point runs: isa 0 is the fastest this CPU runs; 0 when this CPU lacks
+ * AVX2/FMA or the asked-for isa */
+static int resolve_isa(int32_t isa) {
+    if (!gobo_kernels_simd()) return 0;
+    if (isa == 0) isa = gobo_qgemm_isa();
+    if ((isa == QG_AVX512 && !have_avx512()) || (isa != QG_AVX2 && isa != QG_AVX512)) return 0;
+    return isa;
+}
+
+/* threads for `parts` units of work: the caller's nthreads within [1, MAX_THREADS], no more than parts */
+static int clamp_threads(int32_t nthreads, int64_t parts) {
+    int t = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
+    return t > parts ? (int)parts : t;
+}
+
 /* y (m x rows, row stride ldy) = act(x (m x cols, row stride ldx) W^T + bias + res), with W
  * decoded from q, on up to nthreads threads. bias (rows values) and res (m x rows, row stride
  * ldres) may be NULL; act is 0 (none) or 1 (GELU, erf form); ln 1 then normalises each row
@@ -784,9 +802,7 @@ GOBO_API int gobo_qgemm_isa(void) { return have_avx512() ? QG_AVX512 : (gobo_ker
 GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, const float *bias,
                         const float *res, int64_t ldres, int32_t act, int32_t ln, const float *ln_w, const float *ln_b, float ln_eps,
                         int32_t isa, int32_t nthreads) {
-    if (!gobo_kernels_simd()) return 3;
-    if (isa == 0) isa = gobo_qgemm_isa();
-    if ((isa == QG_AVX512 && !have_avx512()) || (isa != QG_AVX2 && isa != QG_AVX512)) return 3;
+    if (!(isa = resolve_isa(isa))) return 3;
     if (gobo_qmat_check(q) || !x || !y || m < 0 || ldx < q->cols || ldy < q->rows || (res && ldres < q->rows) || act < 0 || act > GOBO_ACT_GELU ||
         (ln != 0 && ln != 1) || (ln && !(ln_eps > 0.0f))) return 1;
     if (m == 0 || q->rows == 0) return 0;
@@ -804,8 +820,7 @@ GOBO_API int gobo_qgemm(const gobo_qmat *q, const float *x, int64_t m, int64_t l
     qg_job j = {.q = q, .x = x, .m = m, .ldx = ldx, .y = y, .ldy = ldy, .bias = bias, .res = res, .ldres = ldres, .act = act, .isa = isa,
                 .ln = ln, .ln_w = ln_w, .ln_b = ln_b, .ln_eps = ln_eps};
     const int64_t panels = (q->rows + nr - 1) / nr;
-    int t = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
-    if (t > panels) t = (int)panels;
+    const int t = clamp_threads(nthreads, panels);
     j.n_per = (panels + t - 1) / t * nr;
     j.nthreads = (int)((q->rows + j.n_per - 1) / j.n_per);
     qg_task tk = {.member = gemm_member, .arg = &j, .want = j.nthreads};
@@ -836,9 +851,7 @@ static void attention_member(void *arg, int t, int team) {
 GOBO_API int gobo_attention(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v, const int64_t *vs,
                             const float *mask, const int64_t *ms, float *out, const int64_t *os, int64_t B, int64_t H, int64_t SQ,
                             int64_t SK, int64_t D, float scale, int32_t isa, int32_t nthreads) {
-    if (!gobo_kernels_simd()) return 3;
-    if (isa == 0) isa = gobo_qgemm_isa();
-    if ((isa == QG_AVX512 && !have_avx512()) || (isa != QG_AVX2 && isa != QG_AVX512)) return 3;
+    if (!(isa = resolve_isa(isa))) return 3;
     if (!q || !qs || !k || !ks || !v || !vs || !out || !os || (mask && !ms) || B < 0 || H < 0 || SQ < 0 || SK < 1 || D < 1) return 1;
     if (B == 0 || H == 0 || SQ == 0) return 0;
     qa_job j = {.q = q, .k = k, .v = v, .mask = mask, .out = out, .B = B, .H = H, .SQ = SQ, .SK = SK, .D = D, .scale = scale, .isa = isa};
@@ -849,8 +862,7 @@ GOBO_API int gobo_attention(const float *q, const int64_t *qs, const float *k, c
         j.os[i] = os[i];
     }
     for (int i = 0; i < 4; ++i) j.ms[i] = mask ? ms[i] : 0;
-    int t = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
-    if (t > B * H) t = (int)(B * H);
+    const int t = clamp_threads(nthreads, B * H);
     qg_task tk = {.member = attention_member, .arg = &j, .want = t};
     run_team(&tk);
     for (int i = 0; i < t; ++i)
