@@ -399,12 +399,12 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     :func:`gobo.kernels.attention`; what it does not cover (dropout in training, causal or
     grouped-query attention, a position bias, soft-capping, attention probabilities) goes to
     transformers' ``sdpa`` function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     if ((dropout and module.training) or causal or key.shape[1] != query.shape[1] or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
             or (attention_mask is not None and attention_mask.dim() != 4)):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     seen = getattr(_scope, "attention_modules", None)
     if seen is not None:
