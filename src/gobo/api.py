@@ -76,10 +76,14 @@ def quantize(
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
-    energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
+    moments = _shared_moments(config, src, tokenizer, names, calibration_texts) if fed_back and act else None
+    if moments is not None:  # the outliers' energies are the diagonal of the feedback's moments
+        energy = {n: np.diag(h.numpy()).copy() for n, h in moments[0].items()}
+    else:
+        energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy)
     if fed_back:
-        cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts)
+        cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments)
     if calibrated and config.correct_bias:
         deq = {n: q.dequantize() for n, q in cm.quantized.items()}
         cm.dense.update(match_output_means(src, tokenizer, deq, cm.dense))
@@ -118,7 +122,22 @@ def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -
                         punctuation=config.synthetic == "punct", seed=config.synthetic_seed)
 
 
-def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts) -> CompressedModel:
+def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts):
+    """act_outliers with feedback on the same sentences (as many, drawn alike): one pass
+    gives the feedback's moments, whose diagonal is the outliers' energy. ``(moments,
+    shared)`` as :func:`gobo.feedback.apply` takes them, or None when the two differ."""
+    from . import feedback
+
+    if config.act_texts != config.feedback_texts:
+        return None
+    ids, mask = feedback.calibration_batch(tokenizer, texts if config.feedback == "texts" else None, config.act_texts,
+                                           seed=config.synthetic_seed, punctuation=config.synthetic == "punct")
+    shared: dict = {}
+    return feedback.input_moments(src, ids, mask, names, shared=shared), shared
+
+
+def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts,
+                   moments=None) -> CompressedModel:
     from . import feedback
     from .quantizer import TensorStats
 
@@ -126,7 +145,7 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
         texts = None
     for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts,
                                        damp=config.feedback_damp, punctuation=config.synthetic == "punct",
-                                       seed=config.synthetic_seed).items():
+                                       seed=config.synthetic_seed, moments=moments).items():
         cm.quantized[name] = qt
         cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
     cm.config = config

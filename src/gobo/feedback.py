@@ -57,16 +57,22 @@ def calibration_batch(tokenizer, texts: Sequence[str] | None, n: int, max_len: i
     return b["input_ids"], b["attention_mask"]
 
 
-def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = 32, diagonal: bool = False) -> dict:
+def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = 32, diagonal: bool = False,
+                  shared: dict | None = None) -> dict:
     """``E[x x^T]`` (float64 torch tensors) of the input of every nn.Linear whose weight is
-    named in ``weights``, over the real tokens of the batch; with ``diagonal`` only its
-    diagonal ``E[x_j^2]``, one value per input feature (much cheaper)."""
+    named in ``weights``, over the real tokens of the batch (each batch's products in float32:
+    relative rounding about 1e-6, well below what the sample of sentences moves); with
+    ``diagonal`` only its diagonal ``E[x_j^2]`` (in float64), one value per input feature
+    (much cheaper). A dict given as
+    ``shared`` receives, for each weight, the first of ``weights`` whose Linear reads the same
+    input tensor (a layer's query, key and value share one)."""
     import torch
 
     mods = dict(model.named_modules())
     sums: dict = {}
     count: dict = {}
     cur: dict = {"last": None}
+    first: dict = {}
     hooks = []
     for w in weights:
         m = mods.get(w.rsplit(".", 1)[0])
@@ -81,9 +87,13 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
             # share one product; the last input is held, so its memory cannot be reused
             last = cur["last"]
             if last is None or last[0] is not x:
-                xm = x[cur["mask"]].to(torch.float64)
-                prod = (xm * xm).sum(0) if diagonal else xm.T @ xm
-                last = cur["last"] = (x, prod, xm.shape[0])
+                xm = x[cur["mask"]]
+                if diagonal:
+                    prod = (xm.to(torch.float64) ** 2).sum(0)
+                else:  # one batch's products in float32 (twice as fast), their sum over batches in float64
+                    prod = (xm.to(torch.float32).T @ xm.to(torch.float32)).to(torch.float64)
+                last = cur["last"] = (x, prod, xm.shape[0], w)
+            first.setdefault(w, last[3])
             sums[w] = sums.get(w, 0) + last[1]
             count[w] = count.get(w, 0) + last[2]
 
@@ -98,6 +108,8 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
         for h in hooks:
             h.remove()
         cur["last"] = None
+    if shared is not None:
+        shared.update(first)
     return {w: sums[w] / count[w] for w in sums}
 
 
@@ -151,6 +163,68 @@ def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int
     return codes[:, inv], values[:, inv]
 
 
+def inverse_moments_factor(h, damp: float = DAMP):
+    """``(U, perm)``: the columns' coding order ``perm`` (decreasing diagonal of ``h``, stable)
+    and the upper-triangular ``U`` (float64) with ``U^T U`` the inverse of the damped moments
+    in that order, what :func:`error_feedback` feeds errors forward with. Computed as
+    ``J L^-1 J`` with ``L`` the Cholesky factor of the moments in reversed order (``J``): one
+    factorisation and one triangular inverse instead of factorising the inverse."""
+    import torch
+
+    H = torch.as_tensor(h).to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1).contiguous()
+    return U, perm, dead
+
+
+def feedback_rows(weight, h, codebook, mask, damp: float = DAMP, block: int = BLOCK, threads: int | None = None):
+    """:func:`error_feedback` with nearest-centroid coding against one codebook per row,
+    compiled: ``weight`` (rows x cols), ``codebook`` (rows x k ascending), ``mask`` (rows x
+    cols, True at outliers, which keep their fed-forward value rounded to float32). Each
+    block of columns is coded row by row in C, then its error is pushed onto the columns
+    after it by one matrix product. Rows are shared among ``threads`` threads (torch's count
+    by default); a row's codes do not depend on that split. Returns ``(codes, values)``
+    (uint8 and float64, rows x cols) in the original column order."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import native
+
+    W = torch.as_tensor(np.asarray(weight, dtype=np.float32)).to(torch.float64)
+    rows, cols = W.shape
+    U, perm, dead = inverse_moments_factor(h, damp)
+    W[:, dead] = 0.0
+    W = W[:, perm].contiguous()
+    M = torch.as_tensor(np.ascontiguousarray(mask, dtype=np.uint8))[:, perm].contiguous()
+    cb = torch.as_tensor(np.ascontiguousarray(codebook, dtype=np.float64)).contiguous()
+    codes = torch.zeros((rows, cols), dtype=torch.uint8)
+    values = torch.zeros((rows, cols), dtype=torch.float64)
+    err = torch.empty((rows, min(block, cols)), dtype=torch.float64)
+    t = max(1, min(threads or torch.get_num_threads(), rows))
+    cuts = [rows * i // t for i in range(t + 1)]
+    with ThreadPoolExecutor(max_workers=t) as pool:
+        for i1 in range(0, cols, block):
+            i2 = min(i1 + block, cols)
+            E1 = err[:, : i2 - i1]
+
+            def part(j, i1=i1, i2=i2, E1=E1):
+                a, b = cuts[j], cuts[j + 1]
+                native.feedback_block(W[a:b, i1:i2], U[i1:i2, i1:i2], cb[a:b], M[a:b, i1:i2], codes[a:b, i1:i2],
+                                      values[a:b, i1:i2], E1[a:b])
+
+            list(pool.map(part, range(t)))
+            if i2 < cols:
+                W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return codes[:, inv].numpy(), values[:, inv].numpy()
+
+
 def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, block: int = BLOCK) -> QuantizedTensor:
     """``qt`` with its codes chosen by :func:`error_feedback` under input moments ``h``.
 
@@ -158,44 +232,92 @@ def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, b
     error of the columns before has been fed forward. Outliers keep their positions and take
     the fed-forward value (stored exactly, so they add no error of their own).
     """
+    return requantize_group([qt], [weight], h, damp, block)[0]
+
+
+def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarray], h, damp: float = DAMP,
+                     block: int = BLOCK) -> list[QuantizedTensor]:
+    """:func:`requantize` for Linears that read the same input (a layer's query, key and
+    value): their rows are fed back together, under one factorisation of ``h``, and each
+    row gets the same codes as on its own."""
     import torch
 
-    if qt.row_scale is not None or qt.row_offset is not None:
-        raise ValueError("error feedback needs codebooks without row statistics (normalize_rows=False)")
-    rows, cols = qt.rows, qt.cols
-    cb = torch.from_numpy(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[:rows]).double()
-    mids = ((cb[:, 1:] + cb[:, :-1]) * 0.5).contiguous()
-    out = np.zeros(rows * cols, dtype=bool)
-    out[qt.outlier_index] = True
-    mask = torch.from_numpy(out.reshape(rows, cols))
+    from . import native
 
-    def nearest(col, j):
-        idx = (col[:, None] > mids).sum(1)  # nearest centroid, ties to the lower one
-        m = mask[:, j]
-        v = torch.where(m, col.to(torch.float32).to(torch.float64), cb.gather(1, idx[:, None])[:, 0])
-        return v, torch.where(m, 0, idx)
+    for qt in qts:
+        if qt.row_scale is not None or qt.row_offset is not None:
+            raise ValueError("error feedback needs codebooks without row statistics (normalize_rows=False)")
+    if len({qt.cols for qt in qts}) != 1:
+        raise ValueError("Linears fed back together must read inputs of one width")
+    cbs, masks, ws = [], [], []
+    for qt, w in zip(qts, weights):
+        cbs.append(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[: qt.rows].astype(np.float64))
+        m = np.zeros(qt.rows * qt.cols, dtype=bool)
+        m[qt.outlier_index] = True
+        masks.append(m.reshape(qt.rows, qt.cols))
+        ws.append(np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols))
+    k = {c.shape[1] for c in cbs}
+    if native.available() and len(k) == 1:
+        codes, values = feedback_rows(np.concatenate(ws), h, np.concatenate(cbs), np.concatenate(masks), damp, block)
+    else:  # the reference: one Linear at a time, in torch
+        parts = []
+        for cb_, m_, w_ in zip(cbs, masks, ws):
+            cb = torch.from_numpy(cb_)
+            mids = ((cb[:, 1:] + cb[:, :-1]) * 0.5).contiguous()
+            mask = torch.from_numpy(m_)
 
-    w = torch.from_numpy(np.asarray(weight, dtype=np.float32).reshape(rows, cols))
-    codes, values = error_feedback(w, h, nearest, damp, block)
-    values = values.numpy().reshape(-1)
-    return QuantizedTensor.from_codes(
-        codes.numpy().reshape(-1).astype(np.uint8),
-        shape=qt.shape,
-        bits=qt.bits,
-        codebook=qt.codebook,
-        group_rows=qt.group_rows,
-        outlier_index=qt.outlier_index,
-        outlier_value=values[qt.outlier_index].astype(np.float32),
-        method=qt.method,
-    )
+            def nearest(col, j, cb=cb, mids=mids, mask=mask):
+                idx = (col[:, None] > mids).sum(1)  # nearest centroid, ties to the lower one
+                m = mask[:, j]
+                v = torch.where(m, col.to(torch.float32).to(torch.float64), cb.gather(1, idx[:, None])[:, 0])
+                return v, torch.where(m, 0, idx)
+
+            c, v = error_feedback(torch.from_numpy(w_), h, nearest, damp, block)
+            parts.append((c.numpy(), v.numpy()))
+        codes = np.concatenate([p[0] for p in parts])
+        values = np.concatenate([p[1] for p in parts])
+    out, r0 = [], 0
+    for qt in qts:
+        c = codes[r0 : r0 + qt.rows].reshape(-1)
+        v = values[r0 : r0 + qt.rows].reshape(-1)
+        r0 += qt.rows
+        out.append(QuantizedTensor.from_codes(
+            c.astype(np.uint8),
+            shape=qt.shape,
+            bits=qt.bits,
+            codebook=qt.codebook,
+            group_rows=qt.group_rows,
+            outlier_index=qt.outlier_index,
+            outlier_value=v[qt.outlier_index].astype(np.float32),
+            method=qt.method,
+        ))
+    return out
 
 
 def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,
-          damp: float = DAMP, punctuation: bool = False, seed: int = 0) -> dict:
+          damp: float = DAMP, punctuation: bool = False, seed: int = 0, moments: tuple | None = None) -> dict:
     """Re-code every quantized nn.Linear weight of ``quantized`` by :func:`requantize` under
     the input moments of the FP32 ``model`` on ``n`` calibration sentences (``texts`` None:
-    synthetic, drawn with ``seed``, with punctuation if asked). Returns the replaced tensors
-    (name -> QuantizedTensor)."""
-    ids, mask = calibration_batch(tokenizer, texts, n, seed=seed, punctuation=punctuation)
-    h = input_moments(model, ids, mask, list(quantized))
-    return {name: requantize(quantized[name], state[name], h[name], damp=damp) for name in quantized if name in h}
+    synthetic, drawn with ``seed``, with punctuation if asked), or under ``moments`` (what
+    :func:`input_moments` returned and the ``shared`` dict it filled) when given. Linears that
+    read one input are fed back together. Returns the replaced tensors (name -> QuantizedTensor)."""
+    if moments is None:
+        ids, mask = calibration_batch(tokenizer, texts, n, seed=seed, punctuation=punctuation)
+        shared: dict = {}
+        h = input_moments(model, ids, mask, list(quantized), shared=shared)
+    else:
+        h, shared = moments
+    groups: dict = {}
+    for name in quantized:
+        if name in h:
+            groups.setdefault(shared.get(name, name), []).append(name)
+    out = {}
+    for key, names in groups.items():
+        qts = [quantized[n] for n in names]
+        if len({(q.cols, q.bits) for q in qts}) != 1:  # fed back one by one
+            for n in names:
+                out[n] = requantize(quantized[n], state[n], h[n], damp=damp)
+            continue
+        for n, qt in zip(names, requantize_group(qts, [state[n] for n in names], h[key], damp=damp)):
+            out[n] = qt
+    return out

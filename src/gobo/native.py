@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["assign_rows", "available", "cluster_rows", "kmeans1d_exact", "lib", "pack_codes", "unpack_codes"]
+__all__ = ["assign_rows", "available", "cluster_rows", "feedback_block", "kmeans1d_exact", "lib", "pack_codes", "unpack_codes"]
 
 
 @lru_cache(maxsize=1)
@@ -32,6 +32,8 @@ def lib() -> ctypes.CDLL:
     so.gobo_cluster_rows.argtypes = [ptr, ptr, i64, i64, i32, i32, ptr]
     so.gobo_assign_rows.restype = None
     so.gobo_assign_rows.argtypes = [ptr, ptr, i64, i64, i32, ptr]
+    so.gobo_feedback_block.restype = None
+    so.gobo_feedback_block.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64, ptr, i64]
     return so
 
 
@@ -94,3 +96,13 @@ def assign_rows(z: np.ndarray, c: np.ndarray) -> np.ndarray:
     out = np.empty((rows, cols), dtype=np.uint8)
     lib().gobo_assign_rows(z.ctypes.data, c.ctypes.data, rows, cols, k, out.ctypes.data)
     return out
+
+
+def feedback_block(w, u, cb, mask, codes, val, err) -> None:
+    """Native core of one block of :func:`gobo.feedback.feedback_rows`: 2-D float64 (``w``,
+    ``u``, ``val``, ``err``), float64 ``cb`` (rows x k, C-contiguous) and uint8 (``mask``,
+    ``codes``) torch tensors or views with unit column stride (checked by the caller)."""
+    rows, n = w.shape
+    lib().gobo_feedback_block(w.data_ptr(), w.stride(0), rows, n, u.data_ptr(), u.stride(0), cb.data_ptr(), cb.shape[1],
+                              mask.data_ptr(), mask.stride(0), codes.data_ptr(), codes.stride(0), val.data_ptr(),
+                              val.stride(0), err.data_ptr(), err.stride(0))
