@@ -21,9 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"])
-    ap.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq", "gobo-rows-act"],
+    ap.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq", "gobo-rows-act", "gobo-rows-act-fb"],
                     help="method names, or gobo-rows-act: per-row codebooks and activation-weighted outliers "
-                         "(the timing includes the forward pass over the synthetic sentences it measures)")
+                         "(the timing includes the forward pass over the synthetic sentences it measures), or "
+                         "gobo-rows-act-fb: the same with error feedback on those sentences (timed as a whole "
+                         "gobo.quantize call, loading the model from disk included)")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2, help="best of N for each timing")
     ap.add_argument("--out", default="bench/results/quantize.json")
@@ -33,6 +35,8 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from _models import installed
+
+    import gobo
     from gobo.config import GoboConfig, method_config
     from gobo.feedback import input_energy
     from gobo.data import load_rotten_tomatoes
@@ -43,6 +47,9 @@ def main() -> int:
     def config_of(method: str):
         if method == "gobo-rows-act":
             return GoboConfig(bits=3, codebook="row", allocate="uniform", act_outliers=0.006)
+        if method == "gobo-rows-act-fb":
+            return GoboConfig(bits=3, codebook="row", allocate="uniform", act_outliers=0.006, feedback="synthetic",
+                              feedback_texts=64, feedback_damp=1.0)
         return method_config(method, 3)
 
     _, test = load_rotten_tomatoes()
@@ -64,8 +71,12 @@ def main() -> int:
             qs = []
             for _ in range(args.repeat):
                 t = time.perf_counter()
-                energy = input_energy(model, tok, names, cfg.act_texts) if getattr(cfg, "act_outliers", 0) else None
-                quantize_state(state, names, cfg, input_energy=energy)
+                if getattr(cfg, "feedback", None):
+                    gobo.quantize(name, cfg)
+                else:
+                    energy = input_energy(model, tok, names, cfg.act_texts, punctuation=getattr(cfg, "synthetic", "") == "punct",
+                                          seed=getattr(cfg, "synthetic_seed", 0)) if getattr(cfg, "act_outliers", 0) else None
+                    quantize_state(state, names, cfg, input_energy=energy)
                 qs.append(time.perf_counter() - t)
             row[f"{method}_seconds"] = min(qs)
             row[f"{method}_ratio_to_encode"] = min(qs) / min(enc)
