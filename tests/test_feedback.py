@@ -153,6 +153,19 @@ def test_linears_reading_one_input_are_fed_back_together(minilm_state, minilm_fp
                                   [minilm_state[names[0]], minilm_state[LAYER].T.copy()], h[names[0]])
 
 
+@pytest.mark.parametrize("act_texts", [40, 8])
+def test_progress_counts_tensors_batches_and_fed_back_linears(act_texts):
+    cfg = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.005, act_texts=act_texts, feedback="synthetic",
+                     feedback_texts=40)
+    calls = []
+    cm = gobo.quantize("minilm-l6", cfg, progress=lambda name, total: calls.append((name, total)), **SLICE)
+    linears = [n for n in cm.quantized if n.endswith(".weight")]
+    assert {t for _, t in calls} == {len(calls)}  # one total, reached exactly
+    assert len(calls) == len(cm.quantized) + 2 + len(linears)  # tensors, 2 batches of 32, each Linear fed back
+    assert sum(n == feedback.CALIBRATION_STEP for n, _ in calls) == 2
+    assert sorted(n for n, _ in calls[-len(linears):]) == sorted(linears)
+
+
 def test_act_outliers_and_feedback_on_the_same_sentences_share_one_pass(monkeypatch):
     cfg = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.005, act_texts=8, feedback="synthetic",
                      feedback_texts=8)

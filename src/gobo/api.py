@@ -37,7 +37,8 @@ def quantize(
     ``allocate="hessian"`` and no ``layer_omega`` (the file records the Omega of each layer).
     ``hessian_settings`` (a :class:`gobo.hessian.SensitivitySettings`; None: the default)
     samples that measurement.
-    ``progress(name, total)`` is called after each tensor.
+    ``progress(name, total)`` is called after each tensor and, with ``feedback``, after each
+    batch of calibration sentences and each Linear fed back; ``total`` counts all of them.
     A GOBO config with ``feedback`` re-codes every Linear by error feedback
     (:mod:`gobo.feedback`) on synthetic sentences (``"synthetic"``) or on
     ``calibration_texts`` (``"texts"``; None: the benchmark's training split, evenly
@@ -62,13 +63,13 @@ def quantize(
     state = state_numpy(src)
     if size_mb is not None:
         config = _with_size_budget(config, state, names, size_mb)
-    total = len(names)
-    cb = None if progress is None else (lambda name: progress(name, total))
     calibrated = isinstance(config, GoboConfig) and (config.allocate == "sensitivity" or config.correct_bias)
     fed_back = isinstance(config, GoboConfig) and bool(config.feedback)
     act = isinstance(config, GoboConfig) and config.act_outliers > 0
     if fed_back and config.feedback == "texts":
         calibration_texts, config = _calibration_texts(config, calibration_texts)
+    total = len(names) + (_feedback_steps(config, src, names, calibration_texts) if fed_back else 0)
+    cb = None if progress is None else (lambda name: progress(name, total))
     if calibrated or fed_back or act:  # model passes over sentences: synthetic ones come from the model's own tokenizer
         from transformers import AutoTokenizer
 
@@ -76,14 +77,14 @@ def quantize(
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
-    moments = _shared_moments(config, src, tokenizer, names, calibration_texts) if fed_back and act else None
+    moments = _shared_moments(config, src, tokenizer, names, calibration_texts, cb) if fed_back and act else None
     if moments is not None:  # the outliers' energies are the diagonal of the feedback's moments
         energy = {n: np.diag(h.numpy()).copy() for n, h in moments[0].items()}
     else:
         energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy)
     if fed_back:
-        cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments)
+        cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb)
     if calibrated and config.correct_bias:
         deq = {n: q.dequantize() for n, q in cm.quantized.items()}
         cm.dense.update(match_output_means(src, tokenizer, deq, cm.dense))
@@ -122,7 +123,19 @@ def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -
                         punctuation=config.synthetic == "punct", seed=config.synthetic_seed)
 
 
-def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts):
+def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
+    """What error feedback adds to the progress count: its batches of sentences and one step
+    per nn.Linear weight."""
+    import torch
+
+    from .feedback import BATCH
+
+    n = len(texts) if config.feedback == "texts" else config.feedback_texts
+    mods = dict(src.named_modules())
+    return -(-n // BATCH) + sum(isinstance(mods.get(w.rsplit(".", 1)[0]), torch.nn.Linear) for w in names)
+
+
+def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts, progress=None):
     """act_outliers with feedback on the same sentences (as many, drawn alike): one pass
     gives the feedback's moments, whose diagonal is the outliers' energy. ``(moments,
     shared)`` as :func:`gobo.feedback.apply` takes them, or None when the two differ."""
@@ -133,11 +146,12 @@ def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts)
     ids, mask = feedback.calibration_batch(tokenizer, texts if config.feedback == "texts" else None, config.act_texts,
                                            seed=config.synthetic_seed, punctuation=config.synthetic == "punct")
     shared: dict = {}
-    return feedback.input_moments(src, ids, mask, names, shared=shared), shared
+    step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
+    return feedback.input_moments(src, ids, mask, names, shared=shared, progress=step), shared
 
 
 def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts,
-                   moments=None) -> CompressedModel:
+                   moments=None, progress=None) -> CompressedModel:
     from . import feedback
     from .quantizer import TensorStats
 
@@ -145,7 +159,7 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
         texts = None
     for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts,
                                        damp=config.feedback_damp, punctuation=config.synthetic == "punct",
-                                       seed=config.synthetic_seed, moments=moments).items():
+                                       seed=config.synthetic_seed, moments=moments, progress=progress).items():
         cm.quantized[name] = qt
         cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
     cm.config = config

@@ -34,6 +34,10 @@ __all__ = ["DAMP", "apply", "calibration_batch", "error_feedback", "input_energy
 DAMP = 0.01
 #: columns coded before the error of a block is pushed on to the rest at once
 BLOCK = 128
+#: the name :func:`apply` reports progress with after each batch of calibration sentences
+CALIBRATION_STEP = "calibration.sentences"
+#: sentences per forward pass of :func:`input_moments`
+BATCH = 32
 
 
 def texts_sha256(texts: Sequence[str]) -> str:
@@ -57,15 +61,16 @@ def calibration_batch(tokenizer, texts: Sequence[str] | None, n: int, max_len: i
     return b["input_ids"], b["attention_mask"]
 
 
-def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = 32, diagonal: bool = False,
-                  shared: dict | None = None) -> dict:
+def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = BATCH, diagonal: bool = False,
+                  shared: dict | None = None, progress: Callable[[], None] | None = None) -> dict:
     """``E[x x^T]`` (float64 torch tensors) of the input of every nn.Linear whose weight is
     named in ``weights``, over the real tokens of the batch (each batch's products in float32:
     relative rounding about 1e-6, well below what the sample of sentences moves); with
     ``diagonal`` only its diagonal ``E[x_j^2]`` (in float64), one value per input feature
     (much cheaper). A dict given as
     ``shared`` receives, for each weight, the first of ``weights`` whose Linear reads the same
-    input tensor (a layer's query, key and value share one)."""
+    input tensor (a layer's query, key and value share one). ``progress()`` is called after
+    each batch of ``batch`` sentences."""
     import torch
 
     mods = dict(model.named_modules())
@@ -104,6 +109,8 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
                 cur["mask"] = attention_mask[s : s + batch].bool()
                 cur["last"] = None
                 model(input_ids=input_ids[s : s + batch], attention_mask=attention_mask[s : s + batch])
+                if progress is not None:
+                    progress()
     finally:
         for h in hooks:
             h.remove()
@@ -295,16 +302,21 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
 
 
 def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,
-          damp: float = DAMP, punctuation: bool = False, seed: int = 0, moments: tuple | None = None) -> dict:
+          damp: float = DAMP, punctuation: bool = False, seed: int = 0, moments: tuple | None = None,
+          progress: Callable[[str], None] | None = None) -> dict:
     """Re-code every quantized nn.Linear weight of ``quantized`` by :func:`requantize` under
     the input moments of the FP32 ``model`` on ``n`` calibration sentences (``texts`` None:
     synthetic, drawn with ``seed``, with punctuation if asked), or under ``moments`` (what
     :func:`input_moments` returned and the ``shared`` dict it filled) when given. Linears that
-    read one input are fed back together. Returns the replaced tensors (name -> QuantizedTensor)."""
+    read one input are fed back together. Returns the replaced tensors (name -> QuantizedTensor).
+    ``progress(name)`` is called after each batch of sentences (name ``"calibration.sentences"``)
+    and once for each nn.Linear weight of ``quantized`` (fed back or, when the sentences did
+    not reach it as a batch of sequences, left as it is)."""
     if moments is None:
         ids, mask = calibration_batch(tokenizer, texts, n, seed=seed, punctuation=punctuation)
         shared: dict = {}
-        h = input_moments(model, ids, mask, list(quantized), shared=shared)
+        h = input_moments(model, ids, mask, list(quantized), shared=shared,
+                          progress=None if progress is None else (lambda: progress(CALIBRATION_STEP)))
     else:
         h, shared = moments
     groups: dict = {}
@@ -315,9 +327,18 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
     for key, names in groups.items():
         qts = [quantized[n] for n in names]
         if len({(q.cols, q.bits) for q in qts}) != 1:  # fed back one by one
-            for n in names:
-                out[n] = requantize(quantized[n], state[n], h[n], damp=damp)
-            continue
-        for n, qt in zip(names, requantize_group(qts, [state[n] for n in names], h[key], damp=damp)):
+            done = [requantize(quantized[n], state[n], h[n], damp=damp) for n in names]
+        else:
+            done = requantize_group(qts, [state[n] for n in names], h[key], damp=damp)
+        for n, qt in zip(names, done):
             out[n] = qt
+            if progress is not None:
+                progress(n)
+    if progress is not None:  # Linears the sentences did not reach as 3-D inputs (a pooler) keep their codes
+        import torch
+
+        mods = dict(model.named_modules())
+        for name in quantized:
+            if name not in h and isinstance(mods.get(name.rsplit(".", 1)[0]), torch.nn.Linear):
+                progress(name)
     return out
