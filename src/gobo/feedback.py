@@ -25,7 +25,8 @@ import numpy as np
 
 from .qtensor import QuantizedTensor
 
-__all__ = ["DAMP", "apply", "calibration_batch", "error_feedback", "input_energy", "input_moments", "requantize", "texts_sha256"]
+__all__ = ["BATCH", "CALIBRATION_STEP", "DAMP", "apply", "calibration_batch", "error_feedback", "feedback_rows", "input_energy",
+           "input_moments", "inverse_moments_factor", "requantize", "requantize_group", "texts_sha256"]
 
 #: diagonal damping, as a fraction of the mean diagonal of H (``GoboConfig.feedback_damp``
 #: sets it for gobo.quantize, 0.1 by default: moments of synthetic sentences are only an
@@ -171,9 +172,10 @@ def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int
 
 
 def inverse_moments_factor(h, damp: float = DAMP):
-    """``(U, perm)``: the columns' coding order ``perm`` (decreasing diagonal of ``h``, stable)
-    and the upper-triangular ``U`` (float64) with ``U^T U`` the inverse of the damped moments
-    in that order, what :func:`error_feedback` feeds errors forward with. Computed as
+    """``(U, perm, dead)``: the columns' coding order ``perm`` (decreasing diagonal of ``h``,
+    stable), the upper-triangular ``U`` (float64) with ``U^T U`` the inverse of the damped
+    moments in that order (what :func:`error_feedback` feeds errors forward with), and the
+    columns no input reaches (zero diagonal; given a unit diagonal here). Computed as
     ``J L^-1 J`` with ``L`` the Cholesky factor of the moments in reversed order (``J``): one
     factorisation and one triangular inverse instead of factorising the inverse."""
     import torch
