@@ -322,3 +322,33 @@ def test_cli_feedback_flags(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("gobo: error: ") and msg in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "albert", "electra", "mpnet"])
+def test_feedback_runs_on_every_architecture_and_groups_shared_inputs(arch):
+    from test_quantize import _tiny_model
+
+    from gobo.hf import quantizable_names, state_numpy
+
+    model = _tiny_model(arch)
+    state = state_numpy(model)
+    mods = dict(model.named_modules())
+    linears = [n for n in quantizable_names(model) if isinstance(mods[n.rsplit(".", 1)[0]], torch.nn.Linear)]
+    cfg = GoboConfig(allocate="uniform", codebook="row")
+    quantized = {n: Prepared(state[n], cfg).build(3) for n in linears}
+    ids = torch.tensor([[1, 5, 17, 42, 99, 3, 7, 8], [2, 8, 64, 11, 12, 0, 0, 0]] * 4)
+    mask = (ids != 0).long()
+    shared: dict = {}
+    h = feedback.input_moments(model, ids, mask, linears, shared=shared)
+    steps = []
+    out = feedback.apply(model, None, quantized, state, None, 0, damp=0.1, moments=(h, shared), progress=steps.append)
+    assert set(out) == set(h) and sorted(steps) == sorted(linears)  # poolers (2-D inputs) keep their codes
+    groups = {}
+    for n in h:
+        groups.setdefault(shared[n], []).append(n)
+    assert max(len(g) for g in groups.values()) == 3  # query, key and value read one input
+    for n, fb in out.items():  # each fed-back Linear's output error under the moments it was fed back with
+        d0 = torch.from_numpy((quantized[n].dequantize() - state[n]).astype(np.float64))
+        d1 = torch.from_numpy((fb.dequantize() - state[n]).astype(np.float64))
+        e0, e1 = (float(torch.einsum("rc,cd,rd->", d, h[n], d)) for d in (d0, d1))
+        assert e1 <= e0 * 1.0001
