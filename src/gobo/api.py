@@ -126,13 +126,10 @@ def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -
 def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
     """What error feedback adds to the progress count: its batches of sentences and one step
     per nn.Linear weight."""
-    import torch
-
-    from .feedback import BATCH
+    from .feedback import BATCH, linear_weights
 
     n = len(texts) if config.feedback == "texts" else config.feedback_texts
-    mods = dict(src.named_modules())
-    return -(-n // BATCH) + sum(isinstance(mods.get(w.rsplit(".", 1)[0]), torch.nn.Linear) for w in names)
+    return -(-n // BATCH) + len(linear_weights(src, names))
 
 
 def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts, progress=None):

@@ -26,7 +26,7 @@ import numpy as np
 from .qtensor import QuantizedTensor
 
 __all__ = ["BATCH", "CALIBRATION_STEP", "DAMP", "apply", "calibration_batch", "error_feedback", "feedback_rows", "input_energy",
-           "input_moments", "inverse_moments_factor", "requantize", "requantize_group", "texts_sha256"]
+           "input_moments", "inverse_moments_factor", "linear_weights", "requantize", "requantize_group", "texts_sha256"]
 
 #: diagonal damping, as a fraction of the mean diagonal of H (``GoboConfig.feedback_damp``
 #: sets it for gobo.quantize, 0.1 by default: moments of synthetic sentences are only an
@@ -60,6 +60,15 @@ def calibration_batch(tokenizer, texts: Sequence[str] | None, n: int, max_len: i
         return synthetic_batch(tokenizer, n_seqs=n, max_len=48, seed=seed, punctuation=punctuation)
     b = tokenizer(list(texts)[:n], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
     return b["input_ids"], b["attention_mask"]
+
+
+def linear_weights(model, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that are the weight of an nn.Linear of ``model`` (what error
+    feedback re-codes), in order."""
+    import torch
+
+    mods = dict(model.named_modules())
+    return [n for n in names if isinstance(mods.get(n.rsplit(".", 1)[0]), torch.nn.Linear)]
 
 
 def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = BATCH, diagonal: bool = False,
@@ -130,6 +139,28 @@ def input_energy(model, tokenizer, weights: Sequence[str], n: int, texts: Sequen
     return {w: m.numpy() for w, m in input_moments(model, ids, mask, weights, diagonal=True).items()}
 
 
+def inverse_moments_factor(h, damp: float = DAMP):
+    """``(U, perm, dead)``: the columns' coding order ``perm`` (decreasing diagonal of ``h``,
+    stable), the upper-triangular ``U`` (float64) with ``U^T U`` the inverse of the damped
+    moments in that order (what :func:`error_feedback` and :func:`feedback_rows` feed errors
+    forward with), and the columns no input reaches (zero diagonal; given a unit diagonal
+    here). Computed as ``J L^-1 J`` with ``L`` the Cholesky factor of the moments in reversed
+    order (``J``): one factorisation and one triangular inverse, not a factorisation of the
+    inverse."""
+    import torch
+
+    H = torch.as_tensor(h).to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1).contiguous()
+    return U, perm, dead
+
+
 def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int = BLOCK):
     """Code the columns of ``weight`` (rows x cols) one at a time, pushing each column's error
     onto the columns not yet coded (GPTQ, Frantar et al., 2023), under input moments ``h``.
@@ -142,15 +173,10 @@ def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int
     import torch
 
     W = weight.detach().to(torch.float64).clone()
-    H = h.to(torch.float64).clone()
     cols = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    U, perm, dead = inverse_moments_factor(h, damp)
     W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    W = W[:, perm]
     codes = torch.zeros(W.shape, dtype=torch.int64)
     values = torch.zeros_like(W)
     order = perm.tolist()
@@ -169,27 +195,6 @@ def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     inv = torch.argsort(perm)
     return codes[:, inv], values[:, inv]
-
-
-def inverse_moments_factor(h, damp: float = DAMP):
-    """``(U, perm, dead)``: the columns' coding order ``perm`` (decreasing diagonal of ``h``,
-    stable), the upper-triangular ``U`` (float64) with ``U^T U`` the inverse of the damped
-    moments in that order (what :func:`error_feedback` feeds errors forward with), and the
-    columns no input reaches (zero diagonal; given a unit diagonal here). Computed as
-    ``J L^-1 J`` with ``L`` the Cholesky factor of the moments in reversed order (``J``): one
-    factorisation and one triangular inverse instead of factorising the inverse."""
-    import torch
-
-    H = torch.as_tensor(h).to(torch.float64).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-    H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    L = torch.linalg.cholesky(H.flip(0, 1))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1).contiguous()
-    return U, perm, dead
 
 
 def feedback_rows(weight, h, codebook, mask, damp: float = DAMP, block: int = BLOCK, threads: int | None = None):
@@ -337,10 +342,6 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
             if progress is not None:
                 progress(n)
     if progress is not None:  # Linears the sentences did not reach as 3-D inputs (a pooler) keep their codes
-        import torch
-
-        mods = dict(model.named_modules())
-        for name in quantized:
-            if name not in h and isinstance(mods.get(name.rsplit(".", 1)[0]), torch.nn.Linear):
-                progress(name)
+        for name in linear_weights(model, [n for n in quantized if n not in h]):
+            progress(name)
     return out
