@@ -352,3 +352,45 @@ def test_feedback_runs_on_every_architecture_and_groups_shared_inputs(arch):
         d1 = torch.from_numpy((fb.dequantize() - state[n]).astype(np.float64))
         e0, e1 = (float(torch.einsum("rc,cd,rd->", d, h[n], d)) for d in (d0, d1))
         assert e1 <= e0 * 1.0001
+
+
+def test_compact_files_hold_the_same_model_in_fewer_bytes(tmp_path):
+    """compact=True: float16 centroids, outlier positions row by row; feedback keeps it,
+    the file is format version 2, and gobo.load (plain and packed) runs it."""
+    from gobo.io import read_header
+
+    base = dict(allocate="uniform", codebook="row", act_outliers=0.006, feedback="synthetic", feedback_texts=16)
+    plain = gobo.quantize("minilm-l6", GoboConfig(**base), **SLICE)
+    cm = gobo.quantize("minilm-l6", GoboConfig(**base, compact=True), **SLICE)
+    by_rows = 0
+    for name, q in cm.quantized.items():
+        p = plain.quantized[name]
+        assert q.compact and np.array_equal(q.codebook.astype(np.float16).astype(np.float32), q.codebook), name
+        assert np.array_equal(q.outlier_index, p.outlier_index), name  # the same outliers, stored otherwise
+        assert q.nbytes() < p.nbytes(), name
+        assert cm.stats[name].sqnr_db >= plain.stats[name].sqnr_db - 0.05, name  # float16 centroids cost next to nothing
+        by_rows += "outlier_col" in q.to_tensors()
+    assert by_rows > 0
+    path = gobo.save(cm, tmp_path / "c")
+    assert read_header(path)[0]["format_version"] == 2
+    data = sum(q.nbytes() for q in cm.quantized.values()) + sum(a.nbytes for a in cm.dense.values())
+    assert data <= (path / WEIGHTS_FILE).stat().st_size <= data + 64_000
+    model, packed = gobo.load(path), gobo.load(path, packed=True)
+    params = dict(model.named_parameters())
+    for name, q in cm.quantized.items():
+        assert torch.equal(params[name].detach(), torch.from_numpy(q.dequantize()).reshape(params[name].shape))
+    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 1012, 102]])
+    with torch.inference_mode():
+        assert float((model(input_ids=ids).last_hidden_state - packed(input_ids=ids).last_hidden_state).abs().max()) <= 1e-4
+
+
+def test_compact_default_allocation_stays_within_its_budget(minilm_state):
+    """The mixed allocation counts the compact outlier positions: the all-in budget holds."""
+    from gobo.quantizer import quantize_state, select
+
+    names = select(minilm_state, ["encoder.layer.0.*", "encoder.layer.1.*"], ["*bias", "*LayerNorm*"])
+    for average in (2.5, 3.0):
+        cm = quantize_state(minilm_state, names, GoboConfig(average=average, compact=True))
+        numel = sum(q.numel for q in cm.quantized.values())
+        assert average - 0.1 <= 8 * sum(q.nbytes() for q in cm.quantized.values()) / numel <= average
+        assert all(q.compact for q in cm.quantized.values())

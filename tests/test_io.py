@@ -94,7 +94,7 @@ def test_metadata_describes_the_file(gobo_default, minilm_dir):
     from gobo.hf import weights_sha256
 
     meta = _metadata(gobo_default.file)
-    assert meta["format"] == "gobo" and meta["format_version"] == str(FORMAT_VERSION) == "1"
+    assert meta["format"] == "gobo" and meta["format_version"] == "1" and FORMAT_VERSION == 2  # no compact tensor: version 1
     header = json.loads(meta["gobo"])
     assert header["config"] == config_to_json(GoboConfig()) and header["config"]["type"] == "gobo"
     assert header["source"]["weights_sha256"] == weights_sha256(minilm_dir)
@@ -343,3 +343,144 @@ def test_golden_v1_file_still_loads(tmp_path):
     assert sd["enc.weight"][1, 0] == np.float32(0.75 * 0.5 + 0.25)
     np.testing.assert_array_equal(sd["norm.weight"], np.array([1.0, -0.5, 0.5, 0.0, 1.0], np.float32))
     np.testing.assert_array_equal(sd["emb.weight"][1], np.array([32 + 16, 32 + 20, 32 + 24, 32 + 28], np.float32) / 8)
+
+
+# ---------------------------------------------------------------------------- the pinned format (version 2: compact tensors)
+
+def golden_model_v2():
+    """Version 1's model plus two compact tensors: one with more outliers than rows (positions
+    stored row by row) and one with fewer (flat positions)."""
+    cm = golden_model()
+    cm.quantized["rows.weight"] = QuantizedTensor.from_codes(
+        np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 3, 2]], np.uint8), shape=(2, 6), bits=2,
+        codebook=np.array([[-1.5, -0.5, 0.5, 1.5], [-0.125, 0.0, 0.125, 0.25]], np.float32), group_rows=1,
+        outlier_index=np.array([1, 4, 5, 8], np.int64), outlier_value=np.array([3.25, -2.5, 0.1, 9.0], np.float32),
+        method="gobo", compact=True)
+    cm.quantized["flat.weight"] = QuantizedTensor.from_codes(
+        np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], np.uint8), shape=(3, 3), bits=1,
+        codebook=np.array([[-0.25, 0.75]], np.float32), group_rows=3,
+        outlier_index=np.array([4], np.int64), outlier_value=np.array([-6.5], np.float32), method="gobo", compact=True)
+    return cm
+
+
+#: sha256 of gobo.safetensors for golden_model_v2(); change it only with a new FORMAT_VERSION
+GOLDEN_V2_SHA256 = "4698106b3ac259cbcd1db983e8fc7f3af84dd2c781e601d2fb66073f517ebac5"
+
+#: the file itself, as written by format version 2 (3130 bytes)
+GOLDEN_V2 = """
+cAoAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJmb3JtYXQiOiJnb2JvIiwiZm9ybWF0X3ZlcnNpb24iOiIyIiwiZ29ibyI6Intc
+ImNvbmZpZ1wiOiB7XCJkYXRhXCI6IHtcImJpdHNcIjogM30sIFwidHlwZVwiOiBcImRpcmVjdHFcIiwgXCJ2ZXJzaW9uXCI6
+IDF9LCBcInBhY2tpbmdcIjogXCJsc2ItYml0c3RyZWFtLXYxXCIsIFwicGF5bG9hZF9zaGEyNTZcIjogXCIwZTVlMDdmOTQz
+NDdmZjk0MTJiODY3MzdlYmJiYWMzZGU1YWM0NWNlY2Q5YWI5NDFkOTllZDZlNGQyZDEyMTkzXCIsIFwic291cmNlXCI6IHtc
+Im1vZGVsX3R5cGVcIjogXCJiZXJ0XCIsIFwibmFtZVwiOiBcImdvbGRlblwiLCBcIndlaWdodHNfc2hhMjU2XCI6IFwiYWJh
+YmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYlwifSwgXCJ0ZW5z
+b3JzXCI6IHtcImVtYi53ZWlnaHRcIjoge1wiYml0c1wiOiA1LCBcImdyb3VwX3Jvd3NcIjogMSwgXCJtZXRob2RcIjogXCJn
+b2JvXCIsIFwic2hhcGVcIjogWzIsIDRdfSwgXCJlbmMud2VpZ2h0XCI6IHtcImJpdHNcIjogMywgXCJncm91cF9yb3dzXCI6
+IDMsIFwibWV0aG9kXCI6IFwiZ29ib1wiLCBcInNoYXBlXCI6IFszLCA1XSwgXCJzdGF0c1wiOiB7XCJmcDMyX2J5dGVzXCI6
+IDYwLCBcIm5ieXRlc1wiOiA2NiwgXCJvdXRsaWVyX2ZyYWN0aW9uXCI6IDAuMTMzMzMzMzMzMzMzMzMzMzMsIFwic3Fucl9k
+YlwiOiAxMi41fX0sIFwiZmxhdC53ZWlnaHRcIjoge1wiYml0c1wiOiAxLCBcImNvbXBhY3RcIjogdHJ1ZSwgXCJncm91cF9y
+b3dzXCI6IDMsIFwibWV0aG9kXCI6IFwiZ29ib1wiLCBcInNoYXBlXCI6IFszLCAzXX0sIFwibm9ybS53ZWlnaHRcIjoge1wi
+Yml0c1wiOiAyLCBcImdyb3VwX3Jvd3NcIjogNSwgXCJtZXRob2RcIjogXCJnb2JvXCIsIFwic2hhcGVcIjogWzVdfSwgXCJy
+b3dzLndlaWdodFwiOiB7XCJiaXRzXCI6IDIsIFwiY29tcGFjdFwiOiB0cnVlLCBcImdyb3VwX3Jvd3NcIjogMSwgXCJtZXRo
+b2RcIjogXCJnb2JvXCIsIFwic2hhcGVcIjogWzIsIDZdfX19In0sImQ6cG9zaXRpb25faWRzIjp7ImR0eXBlIjoiSTY0Iiwi
+c2hhcGUiOlsxLDRdLCJkYXRhX29mZnNldHMiOlswLDMyXX0sImQ6ZW5jLmJpYXMiOnsiZHR5cGUiOiJGMzIiLCJzaGFwZSI6
+WzNdLCJkYXRhX29mZnNldHMiOlszMiw0NF19LCJxOmVtYi53ZWlnaHQ6Y29kZWJvb2siOnsiZHR5cGUiOiJGMzIiLCJzaGFw
+ZSI6WzIsMzJdLCJkYXRhX29mZnNldHMiOls0NCwzMDBdfSwicTplbmMud2VpZ2h0OmNvZGVib29rIjp7ImR0eXBlIjoiRjMy
+Iiwic2hhcGUiOlsxLDhdLCJkYXRhX29mZnNldHMiOlszMDAsMzMyXX0sInE6ZW5jLndlaWdodDpvdXRsaWVyX3ZhbHVlIjp7
+ImR0eXBlIjoiRjMyIiwic2hhcGUiOlsyXSwiZGF0YV9vZmZzZXRzIjpbMzMyLDM0MF19LCJxOmZsYXQud2VpZ2h0Om91dGxp
+ZXJfdmFsdWUiOnsiZHR5cGUiOiJGMzIiLCJzaGFwZSI6WzFdLCJkYXRhX29mZnNldHMiOlszNDAsMzQ0XX0sInE6bm9ybS53
+ZWlnaHQ6Y29kZWJvb2siOnsiZHR5cGUiOiJGMzIiLCJzaGFwZSI6WzEsNF0sImRhdGFfb2Zmc2V0cyI6WzM0NCwzNjBdfSwi
+cTpyb3dzLndlaWdodDpvdXRsaWVyX3ZhbHVlIjp7ImR0eXBlIjoiRjMyIiwic2hhcGUiOls0XSwiZGF0YV9vZmZzZXRzIjpb
+MzYwLDM3Nl19LCJxOmVuYy53ZWlnaHQ6b3V0bGllcl9pbmRleCI6eyJkdHlwZSI6IkkzMiIsInNoYXBlIjpbMl0sImRhdGFf
+b2Zmc2V0cyI6WzM3NiwzODRdfSwicTpmbGF0LndlaWdodDpvdXRsaWVyX2luZGV4Ijp7ImR0eXBlIjoiSTMyIiwic2hhcGUi
+OlsxXSwiZGF0YV9vZmZzZXRzIjpbMzg0LDM4OF19LCJxOmVuYy53ZWlnaHQ6cm93X29mZnNldCI6eyJkdHlwZSI6IkYxNiIs
+InNoYXBlIjpbM10sImRhdGFfb2Zmc2V0cyI6WzM4OCwzOTRdfSwicTplbmMud2VpZ2h0OnJvd19zY2FsZSI6eyJkdHlwZSI6
+IkYxNiIsInNoYXBlIjpbM10sImRhdGFfb2Zmc2V0cyI6WzM5NCw0MDBdfSwicTpmbGF0LndlaWdodDpjb2RlYm9vayI6eyJk
+dHlwZSI6IkYxNiIsInNoYXBlIjpbMSwyXSwiZGF0YV9vZmZzZXRzIjpbNDAwLDQwNF19LCJxOnJvd3Mud2VpZ2h0OmNvZGVi
+b29rIjp7ImR0eXBlIjoiRjE2Iiwic2hhcGUiOlsyLDRdLCJkYXRhX29mZnNldHMiOls0MDQsNDIwXX0sInE6cm93cy53ZWln
+aHQ6b3V0bGllcl9jb2wiOnsiZHR5cGUiOiJVMTYiLCJzaGFwZSI6WzRdLCJkYXRhX29mZnNldHMiOls0MjAsNDI4XX0sInE6
+cm93cy53ZWlnaHQ6b3V0bGllcl9jb3VudCI6eyJkdHlwZSI6IlUxNiIsInNoYXBlIjpbMl0sImRhdGFfb2Zmc2V0cyI6WzQy
+OCw0MzJdfSwicTplbWIud2VpZ2h0OmNvZGVzIjp7ImR0eXBlIjoiVTgiLCJzaGFwZSI6WzVdLCJkYXRhX29mZnNldHMiOls0
+MzIsNDM3XX0sInE6ZW5jLndlaWdodDpjb2RlcyI6eyJkdHlwZSI6IlU4Iiwic2hhcGUiOls2XSwiZGF0YV9vZmZzZXRzIjpb
+NDM3LDQ0M119LCJxOmZsYXQud2VpZ2h0OmNvZGVzIjp7ImR0eXBlIjoiVTgiLCJzaGFwZSI6WzJdLCJkYXRhX29mZnNldHMi
+Ols0NDMsNDQ1XX0sInE6bm9ybS53ZWlnaHQ6Y29kZXMiOnsiZHR5cGUiOiJVOCIsInNoYXBlIjpbMl0sImRhdGFfb2Zmc2V0
+cyI6WzQ0NSw0NDddfSwicTpyb3dzLndlaWdodDpjb2RlcyI6eyJkdHlwZSI6IlU4Iiwic2hhcGUiOlszXSwiZGF0YV9vZmZz
+ZXRzIjpbNDQ3LDQ1MF19fQAAAAAAAAAAAQAAAAAAAAACAAAAAAAAAAMAAAAAAAAAAAAAPwAAAL8AAIA/AAAAAAAAAD4AAIA+
+AADAPgAAAD8AACA/AABAPwAAYD8AAIA/AACQPwAAoD8AALA/AADAPwAA0D8AAOA/AADwPwAAAEAAAAhAAAAQQAAAGEAAACBA
+AAAoQAAAMEAAADhAAABAQAAASEAAAFBAAABYQAAAYEAAAGhAAABwQAAAeEAAAIBAAACEQAAAiEAAAIxAAACQQAAAlEAAAJhA
+AACcQAAAoEAAAKRAAACoQAAArEAAALBAAAC0QAAAuEAAALxAAADAQAAAxEAAAMhAAADMQAAA0EAAANRAAADYQAAA3EAAAOBA
+AADkQAAA6EAAAOxAAADwQAAA9EAAAPhAAAD8QAAA4L8AAKC/AABAvwAAgL4AAIA+AABAPwAAoD8AAOA/AADwQAAABMEAANDA
+AAAAvwAAAAAAAAA/AACAPwAAUEAAACDAzczMPQAAEEECAAAACwAAAAQAAAAAAAA0ALQAPAA4AEAAtAA6AL4AuAA4AD4AsAAA
+ADAANAEABAAFAAIAAwABAIAgBinmiMb6iMYa9QBjA+S0sQ==
+"""
+
+
+def test_golden_v2_bytes(tmp_path):
+    import safetensors.numpy
+
+    for i in range(2):
+        write_compressed(golden_model_v2(), tmp_path / str(i))
+        data = (tmp_path / str(i) / WEIGHTS_FILE).read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        assert hashlib.sha256(data).hexdigest() == GOLDEN_V2_SHA256, f"format changed; header now:\n{data[8 : 8 + n].decode()}"
+    assert data == base64.b64decode(GOLDEN_V2)
+    assert _metadata(tmp_path / "0" / WEIGHTS_FILE)["format_version"] == "2"
+    arrays = safetensors.numpy.load(data)
+    # row by row: 3 outliers in row 0 (columns 1, 4 and 5), 1 in row 1 (column 2)
+    np.testing.assert_array_equal(arrays["q:rows.weight:outlier_col"], np.array([1, 4, 5, 2], np.uint16))
+    np.testing.assert_array_equal(arrays["q:rows.weight:outlier_count"], np.array([3, 1], np.uint16))
+    assert arrays["q:rows.weight:codebook"].dtype == np.float16 and "q:rows.weight:outlier_index" not in arrays
+    # one outlier in three rows: flat int32 positions are smaller
+    assert arrays["q:flat.weight:outlier_index"].tolist() == [4] and "q:flat.weight:outlier_col" not in arrays
+    got = read_compressed(tmp_path / "0")
+    sd, want = got.state_dict(), golden_model_v2().state_dict()
+    for k, v in want.items():
+        assert sd[k].dtype == v.dtype and np.array_equal(sd[k], v), k
+    # by hand from the recipe: row 1 of rows.weight is codes 3 2 1 0 3 2 under its own codebook
+    assert sd["rows.weight"][0].tolist() == [-1.5, np.float32(3.25), 0.5, 1.5, -2.5, np.float32(0.1)]
+    assert sd["rows.weight"][1].tolist() == [0.25, 0.125, 9.0, -0.125, 0.25, 0.125]
+    assert sd["flat.weight"].tolist() == [[0.75, -0.25, 0.75], [-0.25, -6.5, 0.75], [0.75, 0.75, -0.25]]
+    assert got.quantized["rows.weight"].nbytes() == 3 + 8 * 2 + 4 * 4 + 2 * (4 + 2)
+    assert got.quantized["flat.weight"].nbytes() == 2 + 2 * 2 + 4 + 4
+
+
+def test_golden_v2_file_still_loads(tmp_path):
+    d = tmp_path / "v2"
+    d.mkdir()
+    (d / WEIGHTS_FILE).write_bytes(base64.b64decode(GOLDEN_V2))
+    got = read_compressed(d)
+    assert got.quantized["rows.weight"].compact and not got.quantized["enc.weight"].compact
+    assert got.quantized["rows.weight"].outlier_index.tolist() == [1, 4, 5, 8]
+    assert gobo.load_compressed(d).state_dict()["flat.weight"][1, 1] == -6.5
+
+
+def test_compact_tensor_in_a_version_1_file_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "v2"
+    write_compressed(golden_model_v2(), d)
+    f = d / WEIGHTS_FILE
+    save_file(load_file(str(f)), str(f), metadata={**_metadata(f), "format_version": "1"})
+    with pytest.raises(FormatError, match=r"flat.weight is compact, which format version 1 does not allow"):
+        read_compressed(d)
+
+
+def test_compact_fields_are_checked():
+    qt = golden_model_v2().quantized["rows.weight"]
+    meta, arrays = qt.meta(), qt.to_tensors()
+    for change, message in [
+        ({"outlier_count": np.array([2, 1], np.uint16)}, "does not add up"),
+        ({"outlier_count": np.array([3, 1], np.int32)}, "uint16"),
+        ({"outlier_col": np.array([1, 4, 0, 6], np.uint16)}, "outside the tensor"),
+        ({"outlier_col": np.array([4, 1, 0, 2], np.uint16)}, "sorted, unique"),
+        ({"codebook": arrays["codebook"].astype(np.float32)}, "codebook must be float16"),
+        ({"outlier_index": np.array([1, 4, 5, 8], np.int32)}, "stored twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            QuantizedTensor.from_tensors(meta, {**arrays, **change})
+    with pytest.raises(ValueError, match="unexpected fields"):  # row-by-row positions need a compact tensor
+        QuantizedTensor.from_tensors({**meta, "compact": False}, {**arrays, "codebook": arrays["codebook"].astype(np.float32)})
+    with pytest.raises(ValueError, match="float16 numbers"):
+        QuantizedTensor(**{**{f: getattr(qt, f) for f in ("shape", "bits", "codes", "group_rows", "outlier_index",
+                                                         "outlier_value", "method")},
+                           "codebook": np.array([[0.1, 0.2, 0.3, 0.4]] * 2, np.float32), "compact": True})

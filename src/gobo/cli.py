@@ -151,9 +151,9 @@ def _cmd_quantize(args) -> int:
         raise UserError("--allocate applies to --method gobo only")
     if args.avg_bits is not None and args.size_mb is not None:
         raise UserError("give either --avg-bits or --size-mb, not both")
-    if (args.codebook or args.feedback or args.calibration_texts or args.feedback_texts or args.act_outliers is not None) \
-            and args.method not in ("gobo", "gobo-paper"):
-        raise UserError("--codebook, --feedback, --calibration-texts, --feedback-texts and --act-outliers apply to --method gobo or gobo-paper only")
+    if (args.codebook or args.feedback or args.calibration_texts or args.feedback_texts or args.act_outliers is not None
+            or args.compact) and args.method not in ("gobo", "gobo-paper"):
+        raise UserError("--codebook, --feedback, --calibration-texts, --feedback-texts, --act-outliers and --compact apply to --method gobo or gobo-paper only")
     if (args.calibration_texts or args.feedback_texts or args.feedback_damp is not None) and not args.feedback:
         raise UserError("--calibration-texts, --feedback-texts and --feedback-damp need --feedback")
     if args.calibration_texts and args.feedback != "texts":
@@ -188,6 +188,8 @@ def _cmd_quantize(args) -> int:
             extra["feedback_damp"] = args.feedback_damp
         if args.synthetic_seed is not None:
             extra["synthetic_seed"] = args.synthetic_seed
+        if args.compact:
+            extra["compact"] = True
         config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -412,6 +414,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--feedback-texts", type=int, metavar="N", help="with --feedback: calibration sentences to use (default 256)")
     q.add_argument("--synthetic-seed", type=int, metavar="N", help="seed of the synthetic sentences behind --act-outliers and --feedback synthetic (default 0); others show how much a result owes to the sample")
     q.add_argument("--feedback-damp", type=float, metavar="F", help="with --feedback: damping added to the diagonal of the inputs' second moments, as a fraction of its mean (default 0.1)")
+    q.add_argument("--compact", action="store_true", help="gobo: store centroids as float16 (rounded before coding) and outlier positions row by row as uint16 columns: fewer bytes, a format version 2 file")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")

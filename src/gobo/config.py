@@ -61,12 +61,14 @@ class GoboConfig:
     # words with punctuation, gobo.calibrate.synthetic_batch) or "words" (the words alone, as files before it)
     feedback_damp: float = 0.1  # error feedback: damping added to H's diagonal, as a fraction of its mean (0.01 before it)
     synthetic_seed: int = 0  # seed of the synthetic sentences (act_outliers energies and feedback="synthetic")
+    compact: bool = False  # float16 centroids and row-by-row outlier positions (format version 2): fewer bytes
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
                                                      "feedback": "", "feedback_texts": 256, "feedback_sha256": "",
                                                      "act_outliers": 0.0, "act_texts": 64,
-                                                     "synthetic": "words", "feedback_damp": 0.01, "synthetic_seed": 0}
+                                                     "synthetic": "words", "feedback_damp": 0.01, "synthetic_seed": 0,
+                                                     "compact": False}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -116,6 +118,8 @@ class GoboConfig:
         object.__setattr__(self, "feedback_damp", float(self.feedback_damp))
         if self.act_outliers and self.normalize_rows:
             raise ValueError("act_outliers does not combine with normalize_rows")
+        if not isinstance(self.compact, bool):
+            raise ValueError(f"compact must be True or False, got {self.compact!r}")
         if self.layer_omega and self.allocate != "hessian":
             raise ValueError(f"layer_omega only applies with allocate='hessian', not {self.allocate!r}")
         if self.average:

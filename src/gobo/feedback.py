@@ -304,6 +304,7 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
             outlier_index=qt.outlier_index,
             outlier_value=v[qt.outlier_index].astype(np.float32),
             method=qt.method,
+            compact=qt.compact,
         ))
     return out
 

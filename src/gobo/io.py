@@ -2,8 +2,10 @@
 
 ``OUTDIR/gobo.safetensors`` holds, for each quantized tensor ``NAME``, the arrays
 ``q:NAME:codes``, ``q:NAME:codebook`` and, when present, ``q:NAME:row_scale``,
-``q:NAME:row_offset``, ``q:NAME:outlier_index``, ``q:NAME:outlier_value``; every tensor kept
-as it was is ``d:NAME``. The safetensors metadata holds ``format = "gobo"``,
+``q:NAME:row_offset``, ``q:NAME:outlier_index`` (or, for a compact tensor, the row-by-row
+``q:NAME:outlier_col`` and ``q:NAME:outlier_count``), ``q:NAME:outlier_value``; every tensor kept
+as it was is ``d:NAME``. A file with compact tensors (:class:`gobo.qtensor.QuantizedTensor`)
+is format version 2; any other is version 1, byte for byte as before version 2 existed. The safetensors metadata holds ``format = "gobo"``,
 ``format_version`` and ``gobo``: a JSON document with the method config
 (``{type, version, data}``), per-tensor attributes and statistics, the source model's hash,
 and the SHA-256 of all tensor bytes (a tampered file fails to load).
@@ -24,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import config_from_json, config_to_json
-from .qtensor import FIELDS, QuantizedTensor
+from .qtensor import FIELDS, ROW_FIELDS, QuantizedTensor
 from .quantizer import CompressedModel, TensorStats
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_FILE", "FormatError", "read_compressed", "write_compressed"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this gobo reads and writes; 1 for files without compact tensors
 WEIGHTS_FILE = "gobo.safetensors"
 PACKING = "lsb-bitstream-v1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".ot")
@@ -119,7 +121,8 @@ def write_compressed(cm: CompressedModel, outdir: str | os.PathLike, source_dir:
         "source": cm.source,
         "payload_sha256": _payload_digest(tensors),
     }
-    metadata = {"format": "gobo", "format_version": str(FORMAT_VERSION), "gobo": json.dumps(header, sort_keys=True)}
+    version = 2 if any(qt.compact for qt in cm.quantized.values()) else 1
+    metadata = {"format": "gobo", "format_version": str(version), "gobo": json.dumps(header, sort_keys=True)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".partial", dir=parent))
     try:
         if source_dir is not None:
@@ -168,6 +171,7 @@ def read_header(outdir: str | os.PathLike) -> tuple[dict, Path]:
         raise FormatError(f"{path} has a damaged header; quantize the model again") from None
     if header.get("packing") != PACKING:
         raise FormatError(f"{path} uses the unknown packing {header.get('packing')!r}")
+    header["format_version"] = version  # from the safetensors metadata, beside the JSON
     return header, path
 
 
@@ -194,7 +198,7 @@ def read_compressed(outdir: str | os.PathLike) -> CompressedModel:
             dense[rest] = arr
         elif kind == "q":
             name, _, field = rest.rpartition(":")
-            if field not in FIELDS:
+            if field not in FIELDS + ROW_FIELDS:
                 raise FormatError(f"{path} holds an unknown field {key!r}")
             grouped.setdefault(name, {})[field] = arr
         else:
@@ -208,6 +212,8 @@ def read_compressed(outdir: str | os.PathLike) -> CompressedModel:
             qt = QuantizedTensor.from_tensors(tmeta[name], grouped[name])
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{path}: tensor {name} is invalid ({exc})") from None
+        if qt.compact and header["format_version"] < 2:
+            raise FormatError(f"{path}: tensor {name} is compact, which format version 1 does not allow; the file is damaged")
         quantized[name] = qt
         s = tmeta[name].get("stats")
         if s:

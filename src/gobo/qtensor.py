@@ -11,6 +11,13 @@ Dequantization (exact, float32, in this order)::
 ``rows = shape[0]`` and ``cols = prod(shape[1:])``. Every operation is elementwise in
 float32, so any implementation that follows the recipe reproduces the same bits.
 
+A ``compact`` tensor (format version 2) holds the same values in fewer bytes: its centroids
+are float16 numbers (rounded so before any weight is coded), stored as float16, and when it
+has more outliers than rows and fewer than 65,536 columns its outlier positions are stored
+row by row: ``outlier_count[r]`` (uint16) outliers in row ``r``, at columns ``outlier_col``
+(uint16, ascending within a row), instead of flat int32 positions. In memory both are the
+float32 codebook and the flat positions above, whichever way the file holds them.
+
 * GOBO keeps one codebook of ``2**bits`` centroids per group of rows (the paper: one group,
   the whole tensor) and its Gaussian outliers exact.
 * Uniform (DirectQ) codes are integer levels ``codebook = [0, 1, ..., 2**bits - 1]`` scaled
@@ -25,10 +32,12 @@ import numpy as np
 
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
-__all__ = ["QuantizedTensor", "FIELDS"]
+__all__ = ["QuantizedTensor", "FIELDS", "ROW_FIELDS", "outlier_index_nbytes"]
 
 #: tensor fields, in file order; each is optional except codes and codebook
 FIELDS = ("codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value")
+#: the file's row-by-row outlier positions of a compact tensor (in memory: ``outlier_index``)
+ROW_FIELDS = ("outlier_col", "outlier_count")
 
 
 @dataclass(eq=False)
@@ -43,6 +52,7 @@ class QuantizedTensor:
     outlier_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted flat positions
     outlier_value: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     method: str = "gobo"
+    compact: bool = False  # float16 centroids, row-by-row outlier positions in the file
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -91,6 +101,8 @@ class QuantizedTensor:
             raise ValueError("outlier_index and outlier_value must be 1-D and of equal length")
         if self.outlier_value.dtype != np.float32:
             raise ValueError("outlier_value must be float32")
+        if self.compact and not np.array_equal(self.codebook.astype(np.float16).astype(np.float32), self.codebook):
+            raise ValueError("a compact tensor's centroids must be float16 numbers")
         if self.outlier_index.size:
             idx = self.outlier_index
             if int(idx.min()) < 0 or int(idx.max()) >= self.numel or np.any(np.diff(idx) <= 0):
@@ -117,9 +129,9 @@ class QuantizedTensor:
 
     # ------------------------------------------------------------------ size
     def nbytes(self) -> int:
-        """Bytes of all stored arrays (outlier positions as stored: int32 when they fit)."""
-        total = self.codes.nbytes + self.codebook.nbytes + self.outlier_value.nbytes
-        total += self.outlier_index.size * (4 if self.numel < 2**31 else 8)
+        """Bytes of all stored arrays, as the file holds them."""
+        total = self.codes.nbytes + self.codebook.size * (2 if self.compact else 4) + self.outlier_value.nbytes
+        total += outlier_index_nbytes(self.n_outliers, self.rows, self.cols, self.compact)
         for a in (self.row_scale, self.row_offset):
             if a is not None:
                 total += a.nbytes
@@ -131,53 +143,104 @@ class QuantizedTensor:
     # ------------------------------------------------------------------ (de)serialisation
     def to_tensors(self) -> dict[str, np.ndarray]:
         """Field name -> array, for the file (absent optional fields are left out)."""
-        out = {"codes": self.codes, "codebook": self.codebook}
+        out = {"codes": self.codes, "codebook": self.codebook.astype(np.float16) if self.compact else self.codebook}
         if self.row_scale is not None:
             out["row_scale"] = self.row_scale
         if self.row_offset is not None:
             out["row_offset"] = self.row_offset
         if self.outlier_index.size:
-            dt = np.int32 if self.numel < 2**31 else np.int64
-            out["outlier_index"] = self.outlier_index.astype(dt)
+            if _by_rows(self.n_outliers, self.rows, self.cols, self.compact):
+                row, col = np.divmod(self.outlier_index, self.cols)
+                out["outlier_col"] = col.astype(np.uint16)
+                out["outlier_count"] = np.bincount(row, minlength=self.rows).astype(np.uint16)
+            else:
+                out["outlier_index"] = self.outlier_index.astype(np.int32 if self.numel < 2**31 else np.int64)
             out["outlier_value"] = self.outlier_value
         return out
 
     def meta(self) -> dict:
         """JSON-able attributes that, with :meth:`to_tensors`, rebuild the tensor."""
-        return {
+        out = {
             "shape": list(self.shape),
             "bits": self.bits,
             "group_rows": self.group_rows,
             "method": self.method,
         }
+        if self.compact:  # left out otherwise: files of format version 1 keep their bytes
+            out["compact"] = True
+        return out
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, np.ndarray]) -> "QuantizedTensor":
         """Inverse of :meth:`meta` + :meth:`to_tensors`; validates everything."""
-        unknown = set(tensors) - set(FIELDS)
+        compact = meta.get("compact", False)
+        if not isinstance(compact, bool):
+            raise ValueError("compact must be true or false")
+        unknown = set(tensors) - set(FIELDS) - (set(ROW_FIELDS) if compact else set())
         if unknown:
             raise ValueError(f"unexpected fields {sorted(unknown)}")
         for req in ("codes", "codebook"):
             if req not in tensors:
                 raise ValueError(f"missing field {req!r}")
+        shape = tuple(int(s) for s in meta["shape"])
+        codebook = tensors["codebook"]
+        if codebook.dtype != (np.float16 if compact else np.float32):
+            raise ValueError(f"codebook must be {'float16' if compact else 'float32'}, got {codebook.dtype}")
         idx = tensors.get("outlier_index")
+        if "outlier_col" in tensors or "outlier_count" in tensors:
+            if idx is not None:
+                raise ValueError("outlier positions are stored twice")
+            idx = _flat_positions(tensors.get("outlier_col"), tensors.get("outlier_count"), shape)
         val = tensors.get("outlier_value")
         if (idx is None) != (val is None):
             raise ValueError("outlier positions and values must come together")
         return cls(
-            shape=tuple(meta["shape"]),
+            shape=shape,
             bits=int(meta["bits"]),
             codes=np.ascontiguousarray(tensors["codes"]),
-            codebook=np.ascontiguousarray(tensors["codebook"]),
+            codebook=np.ascontiguousarray(codebook.astype(np.float32)),
             group_rows=int(meta["group_rows"]),
             row_scale=tensors.get("row_scale"),
             row_offset=tensors.get("row_offset"),
             outlier_index=np.zeros(0, np.int64) if idx is None else idx.astype(np.int64),
             outlier_value=np.zeros(0, np.float32) if val is None else np.ascontiguousarray(val),
             method=str(meta.get("method", "gobo")),
+            compact=compact,
         )
 
     @classmethod
     def from_codes(cls, codes: np.ndarray, **kw) -> "QuantizedTensor":
         """Build from unpacked codes (any shape; row-major order is kept)."""
         return cls(codes=pack_codes(codes, kw["bits"]), **kw)
+
+
+def _by_rows(n_outliers: int, rows: int, cols: int, compact: bool) -> bool:
+    """Whether a file stores these outlier positions row by row (uint16 columns and per-row
+    counts, ``2 * (n_outliers + rows)`` bytes) rather than flat (int32, ``4 * n_outliers``):
+    only compact tensors, only where a column fits in uint16 and only where it is smaller."""
+    return compact and cols < 2**16 and n_outliers > rows
+
+
+def outlier_index_nbytes(n_outliers: int, rows: int, cols: int, compact: bool = False) -> int:
+    """Bytes the file spends on the positions of ``n_outliers`` outliers."""
+    if not n_outliers:
+        return 0
+    if _by_rows(n_outliers, rows, cols, compact):
+        return 2 * (n_outliers + rows)
+    return n_outliers * (4 if rows * cols < 2**31 else 8)
+
+
+def _flat_positions(col, count, shape: tuple[int, ...]) -> np.ndarray:
+    """Flat positions from the row-by-row outlier fields (ValueError if they disagree)."""
+    rows = shape[0] if shape else 1
+    cols = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    if col is None or count is None:
+        raise ValueError("row-by-row outlier positions need both outlier_col and outlier_count")
+    if col.dtype != np.uint16 or count.dtype != np.uint16 or col.ndim != 1 or count.shape != (rows,):
+        raise ValueError(f"outlier_col must be 1-D uint16 and outlier_count uint16 of shape ({rows},)")
+    if int(count.sum(dtype=np.int64)) != col.size:
+        raise ValueError("outlier_count does not add up to the number of outlier columns")
+    if col.size and int(col.max()) >= cols:
+        raise ValueError("an outlier column lies outside the tensor")
+    row = np.repeat(np.arange(rows, dtype=np.int64), count.astype(np.int64))
+    return row * cols + col.astype(np.int64)

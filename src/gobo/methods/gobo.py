@@ -247,9 +247,11 @@ class Prepared:
     def fixed_nbytes(self) -> int:
         """Bytes stored whatever the bit width: row statistics and outliers (as
         :meth:`QuantizedTensor.nbytes` counts them)."""
-        index_bytes = 4 if self.w32.size < 2**31 else 8
+        from ..qtensor import outlier_index_nbytes
+
         stats = sum(a.nbytes for a in (self.row_scale, self.row_offset) if a is not None)
-        return self.n_outliers * (index_bytes + 4) + stats
+        cols = self.w32.size // self.rows
+        return outlier_index_nbytes(self.n_outliers, self.rows, cols, self.config.compact) + 4 * self.n_outliers + stats
 
     def centroids(self, bits: int) -> np.ndarray:
         """float32 codebook of ``2**bits`` ascending centroids (cached)."""
@@ -276,13 +278,14 @@ class Prepared:
     def build(self, bits: int) -> "QuantizedTensor":
         from ..qtensor import QuantizedTensor
 
+        compact = self.config.compact
         if self.config.codebook == "row":  # one codebook per row
             k = 1 << bits
-            cent2 = cluster_rows(self.z, self.mask, k, self.config.max_iter).astype(np.float32)
+            cent2 = _stored(cluster_rows(self.z, self.mask, k, self.config.max_iter).astype(np.float32), compact)
             codes = assign_rows(self.z, cent2.astype(np.float64)).reshape(-1)
             group_rows = 1
         else:
-            cent2 = self.centroids(bits)[None, :]
+            cent2 = _stored(self.centroids(bits)[None, :], compact)
             codes = assign(self.z.reshape(-1), cent2[0])
             group_rows = self.rows
         out_idx = np.flatnonzero(self.mask.reshape(-1)).astype(np.int64)
@@ -299,7 +302,19 @@ class Prepared:
             outlier_index=out_idx,
             outlier_value=out_val,
             method="gobo",
+            compact=compact,
         )
+
+
+def _stored(c: np.ndarray, compact: bool) -> np.ndarray:
+    """The float32 centroids as the file keeps them: rounded to float16 when ``compact``
+    (before any weight is coded, so the codes are nearest to what is stored)."""
+    if not compact:
+        return c
+    h = c.astype(np.float16)
+    if not np.isfinite(h).all():
+        raise ValueError("compact storage needs centroids within float16 range (|c| <= 65504); quantize without it")
+    return h.astype(np.float32)
 
 
 def act_outlier_mask(w2: np.ndarray, mask: np.ndarray, energy: np.ndarray, config) -> np.ndarray:
