@@ -394,3 +394,40 @@ def test_compact_default_allocation_stays_within_its_budget(minilm_state):
         numel = sum(q.numel for q in cm.quantized.values())
         assert average - 0.1 <= 8 * sum(q.nbytes() for q in cm.quantized.values()) / numel <= average
         assert all(q.compact for q in cm.quantized.values())
+
+
+def test_bits_for_sets_bits_by_name_and_round_trips(minilm_state, tmp_path):
+    from gobo.config import config_from_json, config_to_json
+    from gobo.quantizer import quantize_state, select
+
+    names = select(minilm_state, ["encoder.layer.0.*"], ["*bias", "*LayerNorm*"])
+    cfg = GoboConfig(allocate="uniform", codebook="row", bits_for=[["*intermediate.dense*", 4], ["*.query.*", 2]])
+    assert cfg.bits_for == (("*intermediate.dense*", 4), ("*.query.*", 2))
+    assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg
+    assert "bits_for" not in config_to_json(GoboConfig())["data"]  # files made before it keep their bytes
+    cm = quantize_state(minilm_state, names, cfg)
+    got = {n: q.bits for n, q in cm.quantized.items()}
+    assert got["encoder.layer.0.intermediate.dense.weight"] == 4 and got["encoder.layer.0.attention.self.query.weight"] == 2
+    assert {b for n, b in got.items() if "intermediate" not in n and "query" not in n} == {3}
+    with pytest.raises(ValueError, match="'\\*intermediat\\.dense\\*' matches none"):
+        quantize_state(minilm_state, names, GoboConfig(allocate="uniform", bits_for=(("*intermediat.dense*", 4),)))
+    for bad, match in [(dict(bits_for=(("*", 9),)), "from 1 to 8"), (dict(bits_for=(("", 3),)), "non-empty"),
+                       (dict(bits_for=3), "pairs"), (dict(bits_for=(("*", 4),), allocate="size"), "allocate='uniform'")]:
+        with pytest.raises(ValueError, match=match):
+            GoboConfig(**{"allocate": "uniform", **bad})
+
+
+def test_cli_bits_for(tmp_path, capsys):
+    from gobo.cli import main
+
+    out = tmp_path / "m"
+    assert main(["quantize", "minilm-l6", "-o", str(out), "--codebook", "row", "--bits-for", "*intermediate.dense*=4",
+                 "--compact", "--include", "encoder.layer.1.*", "--exclude", "*bias", "-q"]) == 0
+    cm = gobo.load_compressed(out)
+    assert cm.quantized["encoder.layer.1.intermediate.dense.weight"].bits == 4
+    assert cm.quantized["encoder.layer.1.output.dense.weight"].bits == 3 and cm.config.compact
+    for args, match in [(["--bits-for", "*=x"], "GLOB=BITS"), (["--bits-for", "*=4", "--allocate", "size"], "--allocate uniform"),
+                        (["--bits-for", "*=4", "--method", "directq"], "gobo or gobo-paper"), (["--bits-for", "*=9"], "from 1 to 8")]:
+        assert main(["quantize", "minilm-l6", "-o", str(tmp_path / "bad"), *args, "-q"]) != 0
+        assert match in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

@@ -397,3 +397,21 @@ def test_cli_sweep_writes_figures(gobo_paper3, tmp_path, capsys):
     m = d["models"][0]
     assert math.isclose(m["archs"]["tpu"]["fp32"]["speedup_vs_fp32"], 1.0)
     assert "written:" in stdout
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_weight_bytes_are_the_bytes_the_file_stores(compact):
+    """The memory model moves what the file holds: float16 centroids and row-by-row outlier
+    positions for a compact tensor."""
+    from gobo.hw.workload import _qt_bytes
+    from gobo.qtensor import QuantizedTensor
+
+    rng = np.random.default_rng(0)
+    qt = QuantizedTensor.from_codes(
+        rng.integers(0, 8, (16, 40)).astype(np.uint8), shape=(16, 40), bits=3,
+        codebook=(np.arange(128, dtype=np.float32).reshape(16, 8) / 16), group_rows=1,
+        outlier_index=np.sort(rng.choice(640, 40, replace=False)).astype(np.int64),
+        outlier_value=rng.standard_normal(40).astype(np.float32), compact=compact)
+    wb = _qt_bytes(qt)
+    assert wb.gobo == qt.nbytes() == sum(a.nbytes for a in qt.to_tensors().values())
+    assert wb.centroids == 128 * (2 if compact else 4) and wb.outliers == 40 * 4 + (2 * (40 + 16) if compact else 40 * 4)

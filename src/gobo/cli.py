@@ -152,8 +152,19 @@ def _cmd_quantize(args) -> int:
     if args.avg_bits is not None and args.size_mb is not None:
         raise UserError("give either --avg-bits or --size-mb, not both")
     if (args.codebook or args.feedback or args.calibration_texts or args.feedback_texts or args.act_outliers is not None
-            or args.compact) and args.method not in ("gobo", "gobo-paper"):
-        raise UserError("--codebook, --feedback, --calibration-texts, --feedback-texts, --act-outliers and --compact apply to --method gobo or gobo-paper only")
+            or args.compact or args.bits_for) and args.method not in ("gobo", "gobo-paper"):
+        raise UserError("--codebook, --feedback, --calibration-texts, --feedback-texts, --act-outliers, --compact and --bits-for "
+                        "apply to --method gobo or gobo-paper only")
+    if args.bits_for and args.allocate not in (None, "uniform"):
+        raise UserError("--bits-for sets bits by name and needs every other tensor at --bits: leave out --allocate or give --allocate uniform")
+    if args.bits_for and (args.avg_bits is not None or args.size_mb is not None):
+        raise UserError("--bits-for does not combine with --avg-bits or --size-mb, which choose the bits themselves")
+    bits_for = []
+    for item in args.bits_for or []:
+        glob, sep, b = item.rpartition("=")
+        if not sep or not glob or not b.strip().isdigit():
+            raise UserError(f"--bits-for takes GLOB=BITS, e.g. '*intermediate.dense*=4'; got {item!r}")
+        bits_for.append((glob, int(b)))
     if (args.calibration_texts or args.feedback_texts or args.feedback_damp is not None) and not args.feedback:
         raise UserError("--calibration-texts, --feedback-texts and --feedback-damp need --feedback")
     if args.calibration_texts and args.feedback != "texts":
@@ -190,6 +201,9 @@ def _cmd_quantize(args) -> int:
             extra["synthetic_seed"] = args.synthetic_seed
         if args.compact:
             extra["compact"] = True
+        if bits_for:
+            extra["bits_for"] = tuple(bits_for)
+            extra.setdefault("allocate", "uniform")
         config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -415,6 +429,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--synthetic-seed", type=int, metavar="N", help="seed of the synthetic sentences behind --act-outliers and --feedback synthetic (default 0); others show how much a result owes to the sample")
     q.add_argument("--feedback-damp", type=float, metavar="F", help="with --feedback: damping added to the diagonal of the inputs' second moments, as a fraction of its mean (default 0.1)")
     q.add_argument("--compact", action="store_true", help="gobo: store centroids as float16 (rounded before coding) and outlier positions row by row as uint16 columns: fewer bytes, a format version 2 file")
+    q.add_argument("--bits-for", action="append", metavar="GLOB=BITS", help="gobo: give tensors whose names match GLOB these bits, every other tensor --bits (repeatable, first match wins), e.g. '*intermediate.dense*=4'")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="leave weights whose names match in FP32 (repeatable)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")

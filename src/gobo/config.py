@@ -62,13 +62,15 @@ class GoboConfig:
     feedback_damp: float = 0.1  # error feedback: damping added to H's diagonal, as a fraction of its mean (0.01 before it)
     synthetic_seed: int = 0  # seed of the synthetic sentences (act_outliers energies and feedback="synthetic")
     compact: bool = False  # float16 centroids and row-by-row outlier positions (format version 2): fewer bytes
+    bits_for: tuple[tuple[str, int], ...] = ()  # allocate="uniform": (glob, bits) pairs; a tensor whose name
+    # matches a glob (the first that does) gets its bits instead of `bits`, e.g. (("*intermediate.dense*", 4),)
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
                                                      "feedback": "", "feedback_texts": 256, "feedback_sha256": "",
                                                      "act_outliers": 0.0, "act_texts": 64,
                                                      "synthetic": "words", "feedback_damp": 0.01, "synthetic_seed": 0,
-                                                     "compact": False}
+                                                     "compact": False, "bits_for": ()}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -120,6 +122,9 @@ class GoboConfig:
             raise ValueError("act_outliers does not combine with normalize_rows")
         if not isinstance(self.compact, bool):
             raise ValueError(f"compact must be True or False, got {self.compact!r}")
+        object.__setattr__(self, "bits_for", _bits_for(self.bits_for))
+        if self.bits_for and self.allocate != "uniform":
+            raise ValueError("bits_for sets bits by name, which needs allocate='uniform' (a mixed allocation chooses them itself)")
         if self.layer_omega and self.allocate != "hessian":
             raise ValueError(f"layer_omega only applies with allocate='hessian', not {self.allocate!r}")
         if self.average:
@@ -219,6 +224,31 @@ class QBertConfig:
 
 
 CONFIGS = {"gobo": GoboConfig, "directq": DirectQConfig, "qbert": QBertConfig}
+
+
+def _bits_for(value) -> tuple[tuple[str, int], ...]:
+    """``bits_for`` as a tuple of ``(glob, bits)`` pairs (a JSON file gives lists)."""
+    try:
+        pairs = tuple((glob, b) for glob, b in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"bits_for must be a sequence of (glob, bits) pairs, got {value!r}") from None
+    for glob, b in pairs:
+        if not isinstance(glob, str) or not glob:
+            raise ValueError(f"bits_for needs a non-empty name pattern, got {glob!r}")
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+            raise ValueError(f"bits_for: bits for {glob!r} must be from 1 to 8, got {b!r}")
+    return pairs
+
+
+def tensor_bits(config, name: str) -> int:
+    """The bits of tensor ``name`` under a uniform allocation: the first ``bits_for`` glob it
+    matches, else ``config.bits``."""
+    from fnmatch import fnmatchcase
+
+    for glob, b in getattr(config, "bits_for", ()):
+        if fnmatchcase(name, glob):
+            return b
+    return config.bits
 
 
 def method_config(method: str, bits: int = 3, **overrides) -> GoboConfig | DirectQConfig | QBertConfig:

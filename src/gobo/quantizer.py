@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from .config import DirectQConfig, GoboConfig, QBertConfig
+from .config import DirectQConfig, GoboConfig, QBertConfig, tensor_bits
 from .methods import gobo as gobo_method
 from .methods import groupwise as groupwise_method
 from .methods import uniform as uniform_method
@@ -212,6 +212,9 @@ def quantize_state(
             raise ValueError(f"{n} holds NaN or infinite values; the model is damaged")
     if not names:
         raise ValueError("no weights to quantize: the model has no Linear or Embedding weights matching the patterns")
+    for glob, _ in getattr(config, "bits_for", ()):
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise ValueError(f"bits_for pattern {glob!r} matches none of the tensors to quantize")
 
     def finish(n: str, w: np.ndarray, qt: QuantizedTensor) -> None:
         quantized[n] = qt
@@ -250,7 +253,7 @@ def quantize_state(
                 # all-in budget: everything stored for these tensors fits in `bits` per weight
                 bits_of = allocate_bits(curves, sizes, (config.average or config.bits) * sum(sizes.values()) / 8.0, fixed, exponent)
             else:
-                bits_of = {n: config.bits for n in names}
+                bits_of = {n: tensor_bits(config, n) for n in names}
             built = pool.map(lambda n: preps[n].build(bits_of[n]), names)
         elif isinstance(config, DirectQConfig):
             built = pool.map(lambda n: uniform_method.fit(arrays[n], config.bits, config.granularity), names)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from ..qtensor import QuantizedTensor
+from ..qtensor import QuantizedTensor, outlier_index_nbytes
 
 if TYPE_CHECKING:  # gobo.dataflow imports torch: loaded only when a workload is built
     from ..dataflow import OpCounts
@@ -100,9 +100,11 @@ _WB_FIELDS = ("numel", "codes", "centroids", "outliers", "row_stats", "dense")
 
 
 def _qt_bytes(qt: QuantizedTensor) -> WeightBytes:
-    outliers = qt.outlier_value.nbytes + qt.outlier_index.size * (4 if qt.numel < 2**31 else 8)
+    """The bytes the file stores (a compact tensor: float16 centroids, row-by-row positions)."""
+    outliers = qt.outlier_value.nbytes + outlier_index_nbytes(qt.n_outliers, qt.rows, qt.cols, qt.compact)
     stats = sum(a.nbytes for a in (qt.row_scale, qt.row_offset) if a is not None)
-    return WeightBytes(numel=qt.numel, codes=qt.codes.nbytes, centroids=qt.codebook.nbytes, outliers=outliers, row_stats=stats)
+    centroids = qt.codebook.size * (2 if qt.compact else 4)
+    return WeightBytes(numel=qt.numel, codes=qt.codes.nbytes, centroids=centroids, outliers=outliers, row_stats=stats)
 
 
 def _dense_bytes(a: np.ndarray) -> WeightBytes:
