@@ -373,6 +373,9 @@ def test_compact_files_hold_the_same_model_in_fewer_bytes(tmp_path):
     assert by_rows > 0
     path = gobo.save(cm, tmp_path / "c")
     assert read_header(path)[0]["format_version"] == 2
+    from gobo.report import summarize
+
+    assert summarize(gobo.load_compressed(path)).method == "gobo+rows+feedback+compact"
     data = sum(q.nbytes() for q in cm.quantized.values()) + sum(a.nbytes for a in cm.dense.values())
     assert data <= (path / WEIGHTS_FILE).stat().st_size <= data + 64_000
     model, packed = gobo.load(path), gobo.load(path, packed=True)

@@ -89,7 +89,8 @@ def summarize(cm: CompressedModel, file_path: str | Path | None = None) -> Model
         if c == GoboConfig.paper(c.bits, outlier_threshold=c.outlier_threshold, max_iter=c.max_iter):
             method = "gobo-paper"
         else:
-            method = "gobo" + ("+rows" if c.codebook == "row" else "") + ("+feedback" if c.feedback else "")
+            method = "gobo" + ("+rows" if c.codebook == "row" else "") + ("+feedback" if c.feedback else "") \
+                + ("+bits-for" if c.bits_for else "") + ("+compact" if c.compact else "")
     return ModelSummary(
         method=method,
         config=cfg,
