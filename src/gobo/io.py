@@ -5,7 +5,8 @@
 ``q:NAME:row_offset``, ``q:NAME:outlier_index`` (or, for a compact tensor, the row-by-row
 ``q:NAME:outlier_col`` and ``q:NAME:outlier_count``), ``q:NAME:outlier_value``; every tensor kept
 as it was is ``d:NAME``. A file with compact tensors (:class:`gobo.qtensor.QuantizedTensor`)
-is format version 2; any other is version 1, byte for byte as before version 2 existed. The safetensors metadata holds ``format = "gobo"``,
+is format version 2; any other is version 1, byte for byte as before version 2 existed.
+The safetensors metadata holds ``format = "gobo"``,
 ``format_version`` and ``gobo``: a JSON document with the method config
 (``{type, version, data}``), per-tensor attributes and statistics, the source model's hash,
 and the SHA-256 of all tensor bytes (a tampered file fails to load).
