@@ -148,6 +148,12 @@ def test_linears_reading_one_input_are_fed_back_together(minilm_state, minilm_fp
     together = feedback.requantize_group(qts, [minilm_state[n] for n in names[:3]], h[names[0]], damp=0.1)
     for qt, n, t in zip(qts, names, together):
         assert np.array_equal(t.codes, feedback.requantize(qt, minilm_state[n], h[n], damp=0.1).codes)
+    # other bit widths in one group (bits_for): each is fed back on its own, with the same codes
+    mixed = [qts[0], Prepared(minilm_state[names[1]], cfg).build(4), qts[2]]
+    got = feedback.requantize_group(mixed, [minilm_state[n] for n in names[:3]], h[names[0]], damp=0.1)
+    assert [q.bits for q in got] == [3, 4, 3]
+    for qt, n, t in zip(mixed, names, got):
+        assert np.array_equal(t.codes, feedback.requantize(qt, minilm_state[n], h[n], damp=0.1).codes)
     with pytest.raises(ValueError, match="one width"):
         feedback.requantize_group([qts[0], Prepared(minilm_state[LAYER].T.copy(), cfg).build(3)],
                                   [minilm_state[names[0]], minilm_state[LAYER].T.copy()], h[names[0]])

@@ -141,6 +141,13 @@ class GoboConfig:
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
 
+    def bits_of(self, name: str) -> int:
+        """The bits of tensor ``name`` under a uniform allocation: those of the first
+        ``bits_for`` glob it matches, else ``bits``."""
+        from fnmatch import fnmatchcase
+
+        return next((b for glob, b in self.bits_for if fnmatchcase(name, glob)), self.bits)
+
     @classmethod
     def paper(cls, bits: int = 3, **kw) -> "GoboConfig":
         """The recipe of the MICRO 2020 paper, unchanged."""
@@ -238,17 +245,6 @@ def _bits_for(value) -> tuple[tuple[str, int], ...]:
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
             raise ValueError(f"bits_for: bits for {glob!r} must be from 1 to 8, got {b!r}")
     return pairs
-
-
-def tensor_bits(config, name: str) -> int:
-    """The bits of tensor ``name`` under a uniform allocation: the first ``bits_for`` glob it
-    matches, else ``config.bits``."""
-    from fnmatch import fnmatchcase
-
-    for glob, b in getattr(config, "bits_for", ()):
-        if fnmatchcase(name, glob):
-            return b
-    return config.bits
 
 
 def method_config(method: str, bits: int = 3, **overrides) -> GoboConfig | DirectQConfig | QBertConfig:

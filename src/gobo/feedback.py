@@ -253,7 +253,8 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
                      block: int = BLOCK) -> list[QuantizedTensor]:
     """:func:`requantize` for Linears that read the same input (a layer's query, key and
     value): their rows are fed back together, under one factorisation of ``h``, and each
-    row gets the same codes as on its own."""
+    row gets the same codes as on its own. Linears of different bit widths are fed back one
+    at a time."""
     import torch
 
     from . import native
@@ -263,6 +264,8 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
             raise ValueError("error feedback needs codebooks without row statistics (normalize_rows=False)")
     if len({qt.cols for qt in qts}) != 1:
         raise ValueError("Linears fed back together must read inputs of one width")
+    if len({qt.bits for qt in qts}) != 1:  # one codebook width per compiled call
+        return [requantize_group([qt], [w], h, damp, block)[0] for qt, w in zip(qts, weights)]
     cbs, masks, ws = [], [], []
     for qt, w in zip(qts, weights):
         cbs.append(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[: qt.rows].astype(np.float64))
@@ -270,8 +273,7 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
         m[qt.outlier_index] = True
         masks.append(m.reshape(qt.rows, qt.cols))
         ws.append(np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols))
-    k = {c.shape[1] for c in cbs}
-    if native.available() and len(k) == 1:
+    if native.available():
         codes, values = feedback_rows(np.concatenate(ws), h, np.concatenate(cbs), np.concatenate(masks), damp, block)
     else:  # the reference: one Linear at a time, in torch
         parts = []
@@ -333,11 +335,7 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
             groups.setdefault(shared.get(name, name), []).append(name)
     out = {}
     for key, names in groups.items():
-        qts = [quantized[n] for n in names]
-        if len({(q.cols, q.bits) for q in qts}) != 1:  # fed back one by one
-            done = [requantize(quantized[n], state[n], h[n], damp=damp) for n in names]
-        else:
-            done = requantize_group(qts, [state[n] for n in names], h[key], damp=damp)
+        done = requantize_group([quantized[n] for n in names], [state[n] for n in names], h[key], damp=damp)
         for n, qt in zip(names, done):
             out[n] = qt
             if progress is not None:

@@ -61,11 +61,11 @@ class QuantizedTensor:
     # ------------------------------------------------------------------ shape helpers
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        return _rows_cols(self.shape)[0]
 
     @property
     def cols(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+        return _rows_cols(self.shape)[1]
 
     @property
     def numel(self) -> int:
@@ -128,14 +128,19 @@ class QuantizedTensor:
         return v.reshape(self.shape)
 
     # ------------------------------------------------------------------ size
+    def nbytes_by_part(self) -> dict[str, int]:
+        """Bytes the file holds for the codes, the centroids, the outliers (positions and
+        values) and the row statistics."""
+        return {
+            "codes": int(self.codes.nbytes),
+            "centroids": int(self.codebook.size * (2 if self.compact else 4)),
+            "outliers": int(self.outlier_value.nbytes) + outlier_index_nbytes(self.n_outliers, self.rows, self.cols, self.compact),
+            "row_stats": sum(int(a.nbytes) for a in (self.row_scale, self.row_offset) if a is not None),
+        }
+
     def nbytes(self) -> int:
         """Bytes of all stored arrays, as the file holds them."""
-        total = self.codes.nbytes + self.codebook.size * (2 if self.compact else 4) + self.outlier_value.nbytes
-        total += outlier_index_nbytes(self.n_outliers, self.rows, self.cols, self.compact)
-        for a in (self.row_scale, self.row_offset):
-            if a is not None:
-                total += a.nbytes
-        return int(total)
+        return sum(self.nbytes_by_part().values())
 
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes() / max(self.numel, 1)
@@ -230,10 +235,14 @@ def outlier_index_nbytes(n_outliers: int, rows: int, cols: int, compact: bool = 
     return n_outliers * (4 if rows * cols < 2**31 else 8)
 
 
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, cols)`` of a tensor of ``shape``: its first dimension and the rest flattened."""
+    return (shape[0] if shape else 1), (int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1)
+
+
 def _flat_positions(col, count, shape: tuple[int, ...]) -> np.ndarray:
     """Flat positions from the row-by-row outlier fields (ValueError if they disagree)."""
-    rows = shape[0] if shape else 1
-    cols = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    rows, cols = _rows_cols(shape)
     if col is None or count is None:
         raise ValueError("row-by-row outlier positions need both outlier_col and outlier_count")
     if col.dtype != np.uint16 or count.dtype != np.uint16 or col.ndim != 1 or count.shape != (rows,):

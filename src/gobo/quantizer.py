@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from .config import DirectQConfig, GoboConfig, QBertConfig, tensor_bits
+from .config import DirectQConfig, GoboConfig, QBertConfig
 from .methods import gobo as gobo_method
 from .methods import groupwise as groupwise_method
 from .methods import uniform as uniform_method
@@ -253,7 +253,7 @@ def quantize_state(
                 # all-in budget: everything stored for these tensors fits in `bits` per weight
                 bits_of = allocate_bits(curves, sizes, (config.average or config.bits) * sum(sizes.values()) / 8.0, fixed, exponent)
             else:
-                bits_of = {n: tensor_bits(config, n) for n in names}
+                bits_of = {n: config.bits_of(n) for n in names}
             built = pool.map(lambda n: preps[n].build(bits_of[n]), names)
         elif isinstance(config, DirectQConfig):
             built = pool.map(lambda n: uniform_method.fit(arrays[n], config.bits, config.granularity), names)

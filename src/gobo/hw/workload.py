@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from ..qtensor import QuantizedTensor, outlier_index_nbytes
+from ..qtensor import QuantizedTensor
 
 if TYPE_CHECKING:  # gobo.dataflow imports torch: loaded only when a workload is built
     from ..dataflow import OpCounts
@@ -101,10 +101,7 @@ _WB_FIELDS = ("numel", "codes", "centroids", "outliers", "row_stats", "dense")
 
 def _qt_bytes(qt: QuantizedTensor) -> WeightBytes:
     """The bytes the file stores (a compact tensor: float16 centroids, row-by-row positions)."""
-    outliers = qt.outlier_value.nbytes + outlier_index_nbytes(qt.n_outliers, qt.rows, qt.cols, qt.compact)
-    stats = sum(a.nbytes for a in (qt.row_scale, qt.row_offset) if a is not None)
-    centroids = qt.codebook.size * (2 if qt.compact else 4)
-    return WeightBytes(numel=qt.numel, codes=qt.codes.nbytes, centroids=centroids, outliers=outliers, row_stats=stats)
+    return WeightBytes(numel=qt.numel, **qt.nbytes_by_part())
 
 
 def _dense_bytes(a: np.ndarray) -> WeightBytes:
