@@ -126,13 +126,53 @@ def test_compiled_feedback_gives_the_reference_codes(minilm_state, minilm_fp32, 
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
 
 
-def test_inverse_moments_factor_is_the_cholesky_factor_of_the_inverse(minilm_fp32, tokenizer, snippets):
-    h = _moments(minilm_fp32, tokenizer, snippets[:8], LAYER)
-    u, perm, dead = feedback.inverse_moments_factor(h, 0.1)
-    assert not dead.any() and torch.equal(u, torch.triu(u)) and (torch.diag(u) > 0).all()
+def test_moments_factor_is_the_ldl_factor_of_the_damped_moments(minilm_fp32, tokenizer, snippets):
+    h = _moments(minilm_fp32, tokenizer, snippets[:8], LAYER).clone()
+    h[3, :] = h[:, 3] = 0.0  # an input no token reaches
+    t, perm, dead = feedback.moments_factor(h, 0.1)
+    assert dead.tolist() == [i == 3 for i in range(h.shape[0])]
+    assert torch.equal(t, torch.triu(t)) and torch.equal(torch.diag(t), torch.ones(h.shape[0], dtype=torch.float64))
+    hd = h.clone()
+    hd[3, 3] = 1.0
+    hp = hd[perm][:, perm] + 0.1 * torch.mean(torch.diag(hd)) * torch.eye(h.shape[0], dtype=torch.float64)
+    # H = T D T^T: T^-1 H T^-T is diagonal (and positive), to float32's rounding
+    ti = torch.linalg.solve_triangular(t, torch.eye(h.shape[0], dtype=torch.float64), upper=True)
+    d = ti @ hp @ ti.T
+    torch.testing.assert_close(d, torch.diag(torch.diag(d)), rtol=0, atol=1e-5 * float(hp.diag().max()))
+    assert (torch.diag(d) > 0).all()
+    assert torch.equal(torch.diag(hd)[perm], torch.sort(torch.diag(hd), descending=True, stable=True).values)
+
+
+def test_moments_factor_falls_back_to_float64_then_says_what_to_do():
+    h = torch.tensor([[1.0, 1.0 - 1e-10], [1.0 - 1e-10, 1.0]], dtype=torch.float64)  # singular in float32 only
+    t, perm, dead = feedback.moments_factor(h, 0.0)
+    assert t.dtype == torch.float64 and abs(float(t[0, 1]) - (1.0 - 1e-10)) < 1e-12
+    with pytest.raises(ValueError, match="raise the damping"):
+        feedback.moments_factor(torch.ones((3, 3), dtype=torch.float64), 0.0)
+
+
+def test_feedback_is_gptq_in_its_textbook_form(minilm_state, minilm_fp32, tokenizer, snippets):
+    """The LDL form gives the codes of GPTQ as published: the error of each column, divided by
+    the diagonal of the upper Cholesky factor of the inverse moments, pushed through its row."""
+    w = torch.from_numpy(minilm_state[LAYER][:48].astype(np.float64))
+    h = _moments(minilm_fp32, tokenizer, snippets[:16], LAYER)
+    step = 0.02
+
+    def rounded(col, j):
+        c = torch.round(col / step)
+        return c * step, c.to(torch.int64)
+
+    codes, _ = feedback.error_feedback(w, h, rounded, damp=0.1, block=32)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
     hp = h[perm][:, perm] + 0.1 * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(u.T @ u @ hp, torch.eye(h.shape[0], dtype=torch.float64), rtol=0, atol=1e-8)
-    assert torch.equal(torch.diag(h)[perm], torch.sort(torch.diag(h), descending=True, stable=True).values)
+    u = torch.linalg.cholesky(torch.linalg.inv(hp), upper=True)
+    ww = w[:, perm].clone()
+    ref = torch.zeros(ww.shape, dtype=torch.int64)
+    for i in range(ww.shape[1]):
+        v, ref[:, i] = rounded(ww[:, i], i)
+        ww[:, i + 1 :] -= ((ww[:, i] - v) / u[i, i])[:, None] * u[i, i + 1 :][None, :]
+    agree = float((codes[:, perm] == ref).double().mean())
+    assert agree > 0.999  # the same codes but for rare ties that rounding in the two forms breaks apart
 
 
 def test_linears_reading_one_input_are_fed_back_together(minilm_state, minilm_fp32, tokenizer, snippets):

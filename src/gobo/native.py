@@ -33,7 +33,7 @@ def lib() -> ctypes.CDLL:
     so.gobo_assign_rows.restype = None
     so.gobo_assign_rows.argtypes = [ptr, ptr, i64, i64, i32, ptr]
     so.gobo_feedback_block.restype = None
-    so.gobo_feedback_block.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64, ptr, i64]
+    so.gobo_feedback_block.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64]
     return so
 
 
@@ -98,11 +98,13 @@ def assign_rows(z: np.ndarray, c: np.ndarray) -> np.ndarray:
     return out
 
 
-def feedback_block(w, u, cb, mask, codes, val, err) -> None:
+def feedback_block(w, w0, t, cb, mask, codes, val) -> None:
     """Native core of one block of :func:`gobo.feedback.feedback_rows`: 2-D float64 (``w``,
-    ``u``, ``val``, ``err``), float64 ``cb`` (rows x k, C-contiguous) and uint8 (``mask``,
-    ``codes``) torch tensors or views with unit column stride (checked by the caller)."""
+    ``w0``, ``t``, ``val``), float64 ``cb`` (rows x k, C-contiguous) and uint8 (``mask``,
+    ``codes``) torch tensors or views with unit column stride."""
     rows, n = w.shape
-    lib().gobo_feedback_block(w.data_ptr(), w.stride(0), rows, n, u.data_ptr(), u.stride(0), cb.data_ptr(), cb.shape[1],
-                              mask.data_ptr(), mask.stride(0), codes.data_ptr(), codes.stride(0), val.data_ptr(),
-                              val.stride(0), err.data_ptr(), err.stride(0))
+    if any(a.stride(1) != 1 for a in (w, w0, t, cb, mask, codes, val) if a.shape[1] > 1):
+        raise ValueError("feedback_block needs rows stored contiguously (unit column stride)")
+    lib().gobo_feedback_block(w.data_ptr(), w.stride(0), w0.data_ptr(), w0.stride(0), rows, n, t.data_ptr(), t.stride(0),
+                              cb.data_ptr(), cb.shape[1], mask.data_ptr(), mask.stride(0), codes.data_ptr(),
+                              codes.stride(0), val.data_ptr(), val.stride(0))

@@ -235,24 +235,28 @@ GOBO_API void gobo_assign_rows(const float *z, const double *c, int64_t rows, in
     }
 }
 
-/* feedback_block: one block of error feedback (GPTQ's update, Frantar et al. 2023) with a
- * codebook per row. w: rows x n fed-forward weights of the block's columns (row stride ldw),
- * overwritten; u: the n x n upper-triangular block of the inverse moments' Cholesky factor
- * (row stride ldu); cb: rows x k ascending centroids (double); mask: rows x n (row stride
- * ldm), 1 where the weight is an outlier. Each row codes its columns in order: the value x
- * goes to the nearest centroid (ties to the lower one; an outlier keeps x rounded to float32
- * and code 0), its error e = (x - value) / u[i, i] is written to err and pushed onto the
- * row's later columns, w[j] -= e * u[i, j]. Rows are independent and each runs one fixed
- * sequence of operations, so any split of the rows gives the same bits; the wider vector
- * versions chosen on CPUs that have them give the same bits too (no contraction to FMA). */
+/* feedback_block: one block of error feedback with a codebook per row, in the LDL form of
+ * GPTQ's update (Frantar et al. 2023; "LDLQ", Chee et al. 2023): with the damped input
+ * moments written H = T D T^T, T unit upper triangular, column i is coded from its
+ * fed-forward value and its error against the *original* weight, w0[i] - value, is pushed
+ * onto the later columns through row i of T. w: rows x n fed-forward weights of the block's
+ * columns (row stride ldw), overwritten; w0: the original weights (row stride ldw0); t: the
+ * n x n unit upper-triangular block of T (row stride ldt); cb: rows x k ascending centroids
+ * (double); mask: rows x n (row stride ldm), 1 where the weight is an outlier. Each row codes
+ * its columns in order: the value x goes to the nearest centroid (ties to the lower one; an
+ * outlier keeps x rounded to float32 and code 0), then w[j] += (w0[i] - value) * t[i, j].
+ * Rows are independent and each runs one fixed sequence of operations, so any split of the
+ * rows gives the same bits; the wider vector versions chosen on CPUs that have them give the
+ * same bits too (no contraction to FMA). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VECTOR_CLONES
 #endif
-GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, int64_t rows, int64_t n, const double *u, int64_t ldu,
-                                  const double *cb, int32_t k, const uint8_t *mask, int64_t ldm, uint8_t *codes,
-                                  int64_t ldc, double *val, int64_t ldv, double *err, int64_t lde) {
+GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const double *w0, int64_t ldw0, int64_t rows,
+                                  int64_t n, const double *t, int64_t ldt, const double *cb, int32_t k,
+                                  const uint8_t *mask, int64_t ldm, uint8_t *codes, int64_t ldc, double *val,
+                                  int64_t ldv) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -260,7 +264,8 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, int64_t 
     for (int64_t r = 0; r < rows; ++r) {
         const double *cr = cb + r * k;
         for (int32_t j = 0; j + 1 < k; ++j) mids[j] = (cr[j] + cr[j + 1]) * 0.5;
-        double *wr = w + r * ldw;
+        double *restrict wr = w + r * ldw;
+        const double *w0r = w0 + r * ldw0;
         for (int64_t i = 0; i < n; ++i) {
             const double x = wr[i];
             double v;
@@ -278,10 +283,9 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, int64_t 
             }
             codes[r * ldc + i] = (uint8_t)q;
             val[r * ldv + i] = v;
-            const double e = (x - v) / u[i * ldu + i];
-            err[r * lde + i] = e;
-            const double *ui = u + i * ldu;
-            for (int64_t j = i + 1; j < n; ++j) wr[j] -= e * ui[j];
+            const double e = w0r[i] - v;
+            const double *restrict ti = t + i * ldt;
+            for (int64_t j = i + 1; j < n; ++j) wr[j] += e * ti[j];
         }
     }
 }
