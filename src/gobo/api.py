@@ -82,7 +82,11 @@ def quantize(
         energy = {n: np.diag(h.numpy()).copy() for n, h in moments[0].items()}
     else:
         energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
-    cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy)
+    if fed_back:
+        from .feedback import linear_weights
+
+    refed = set(linear_weights(src, names)) if fed_back else set()  # measured once, after feedback
+    cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, unmeasured=refed)
     if fed_back:
         cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb)
     if calibrated and config.correct_bias:
@@ -158,7 +162,9 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
                                        damp=config.feedback_damp, punctuation=config.synthetic == "punct",
                                        seed=config.synthetic_seed, moments=moments, progress=progress).items():
         cm.quantized[name] = qt
-        cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
+    for name, qt in cm.quantized.items():  # those fed back, and Linears the sentences did not reach
+        if name not in cm.stats:
+            cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
     cm.config = config
     return cm
 

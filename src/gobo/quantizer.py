@@ -12,7 +12,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 
@@ -187,6 +187,7 @@ def quantize_state(
     progress: Callable[[str], None] | None = None,
     sensitivity: Callable[[str, np.ndarray], float] | None = None,
     input_energy: Mapping[str, np.ndarray] | None = None,
+    unmeasured: Collection[str] = (),
 ) -> CompressedModel:
     """Quantize ``state[name]`` for each of ``names``; every other tensor is kept as it is.
 
@@ -199,6 +200,8 @@ def quantize_state(
     ``input_energy[name]`` (needed by ``act_outliers``): the mean square of each input
     feature of the Linear whose weight is ``name``; tensors without one (embeddings) keep
     only their Gaussian outliers.
+    Tensors named in ``unmeasured`` get no :class:`TensorStats` (the caller replaces them
+    and measures the replacements).
     """
     names = list(names)
     missing = [n for n in names if n not in state]
@@ -218,7 +221,8 @@ def quantize_state(
 
     def finish(n: str, w: np.ndarray, qt: QuantizedTensor) -> None:
         quantized[n] = qt
-        stats[n] = TensorStats.measure(w, qt)
+        if n not in unmeasured:
+            stats[n] = TensorStats.measure(w, qt)
 
     quantized: dict[str, QuantizedTensor] = {}
     stats: dict[str, TensorStats] = {}
