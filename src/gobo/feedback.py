@@ -177,12 +177,12 @@ def moments_factor(h, damp: float = DAMP):
     :func:`feedback_rows` feed errors forward with), and the columns no input reaches (zero
     diagonal; given a unit diagonal here). One Cholesky factorisation of the moments in
     reversed order (``J``): ``J L J`` is upper triangular with ``(J L J)(J L J)^T`` the
-    moments, and ``T`` is it with its columns divided by their diagonal. The factorisation
-    runs in float32, in float64 where that fails: on all-mpnet-base-v2's 3072-wide moments,
-    damped by 0.01 to 1, the output error of the codes was the same to 0.3% either way, at
-    half the time. No inverse is
-    formed: coding column ``i`` and adding ``(w_i - q_i) T[i, j]`` to every later column ``j``
-    (``w_i`` the original weight) is GPTQ's update (the LDL form of Chee et al., 2023)."""
+    moments, and ``T`` is it with its columns divided by their diagonal. No inverse is formed:
+    coding column ``i`` and adding ``(w_i - q_i) T[i, j]`` to every later column ``j`` (``w_i``
+    the original weight) is GPTQ's update (the LDL form of Chee et al., 2023). The
+    factorisation runs in float32, in float64 where that fails: on all-mpnet-base-v2's
+    3072-wide moments, damped by 0.01 to 1, the output error of the codes was the same to
+    0.3% either way, at half the time."""
     import torch
 
     H = torch.as_tensor(h).to(torch.float64)
