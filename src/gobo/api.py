@@ -82,10 +82,11 @@ def quantize(
         energy = {n: np.diag(h.numpy()).copy() for n, h in moments[0].items()}
     else:
         energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
+    refed: set[str] = set()  # Linears that feedback re-codes: measured once, after it
     if fed_back:
         from .feedback import linear_weights
 
-    refed = set(linear_weights(src, names)) if fed_back else set()  # measured once, after feedback
+        refed = set(linear_weights(src, names))
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, unmeasured=refed)
     if fed_back:
         cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb)

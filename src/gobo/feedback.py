@@ -215,13 +215,8 @@ def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int
     """
     import torch
 
-    W0 = weight.detach().to(torch.float64).clone()
+    W0, W, T, T32, perm = _coding_order(weight.detach().to(torch.float64), h, damp)
     cols = W0.shape[1]
-    T, perm, dead = moments_factor(h, damp)
-    T32 = T.to(torch.float32)
-    W0[:, dead] = 0.0
-    W0 = W0[:, perm]
-    W = W0.clone()
     codes = torch.zeros(W.shape, dtype=torch.int64)
     values = torch.zeros_like(W)
     order = perm.tolist()
@@ -238,6 +233,20 @@ def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int
             W[:, i2:] += _pushed(W0[:, i1:i2] - values[:, i1:i2], T32[i1:i2, i2:])
     inv = torch.argsort(perm)
     return codes[:, inv], values[:, inv]
+
+
+def _coding_order(w64, h, damp: float):
+    """``(W0, W, T, T32, perm)`` for feeding back ``w64`` (float64) under moments ``h``: the
+    weights with the columns no input reaches zeroed, in coding order (``W0``, kept, and ``W``,
+    the copy that is fed forward), the factor of :func:`moments_factor` (float64, and float32
+    for the pushes between blocks) and the order."""
+    import torch
+
+    T, perm, dead = moments_factor(h, damp)
+    w64 = w64.clone()
+    w64[:, dead] = 0.0
+    W0 = w64[:, perm].contiguous()
+    return W0, W0.clone(), T, T.to(torch.float32), perm
 
 
 def _pushed(err, t):
@@ -262,13 +271,8 @@ def feedback_rows(weight, h, codebook, mask, damp: float = DAMP, block: int = BL
 
     from . import native
 
-    W0 = torch.as_tensor(np.asarray(weight, dtype=np.float32)).to(torch.float64)
+    W0, W, T, T32, perm = _coding_order(torch.as_tensor(np.asarray(weight, dtype=np.float32)).to(torch.float64), h, damp)
     rows, cols = W0.shape
-    T, perm, dead = moments_factor(h, damp)
-    T32 = T.to(torch.float32)
-    W0[:, dead] = 0.0
-    W0 = W0[:, perm].contiguous()
-    W = W0.clone()
     M = torch.as_tensor(np.ascontiguousarray(mask, dtype=np.uint8))[:, perm].contiguous()
     cb = torch.as_tensor(np.ascontiguousarray(codebook, dtype=np.float64)).contiguous()
     codes = torch.zeros((rows, cols), dtype=torch.uint8)
