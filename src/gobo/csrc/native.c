@@ -147,8 +147,9 @@ PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&gobo_native_module
  * cluster_rows: per row, the inliers x[r, 0:n[r]] (sorted ascending; what follows them is
  * ignored) go to k centroids: equal-population bins, then Lloyd (assign to the nearest,
  * move to the mean) until the centroids stop changing or max_iter rounds. Cluster sums
- * come from the row's prefix sums and its boundaries from binary searches, so a round
- * costs O(k log cols) per row. A row with no inliers gets k zeros; an empty cluster
+ * come from the row's prefix sums and its boundaries from short walks from the round
+ * before's (binary searches when they move far), so a round costs O(k) per row once the
+ * boundaries settle. A row with no inliers gets k zeros; an empty cluster
  * keeps its previous centroid. c: rows x k, ascending per row. Returns 0, or 2 when out
  * of memory. */
 
@@ -160,6 +161,22 @@ static int64_t count_below(const float *x, int64_t n, double v) {
         if ((double)x[m] < v) lo = m + 1; else hi = m;
     }
     return lo;
+}
+
+static int64_t count_below_near(const float *x, int64_t n, double v, int64_t g) {
+    /* count_below, walking from the guess g (the boundary of the round before, which
+     * late rounds move by a few elements at most); bisection after 8 steps */
+    int64_t i = g < n ? g : n;
+    int32_t steps = 0;
+    while (i > 0 && (double)x[i - 1] >= v) {
+        if (++steps > 8) return count_below(x, n, v);
+        --i;
+    }
+    while (i < n && (double)x[i] < v) {
+        if (++steps > 8) return count_below(x, n, v);
+        ++i;
+    }
+    return i;
 }
 
 static void sort_small(double *c, int32_t k) {
@@ -189,10 +206,11 @@ GOBO_API int gobo_cluster_rows(const float *x, const int64_t *n, int64_t rows, i
             cr[j] = b1 > b0 ? (p[b1] - p[b0]) / (double)(b1 - b0) : last;
         }
         sort_small(cr, k);
+        for (int32_t j = 0; j <= k; ++j) b[j] = (int64_t)j * nr / k;
         for (int32_t it = 0; it < max_iter; ++it) {
             b[0] = 0;
             b[k] = nr;
-            for (int32_t j = 1; j < k; ++j) b[j] = count_below(xr, nr, (cr[j - 1] + cr[j]) * 0.5);
+            for (int32_t j = 1; j < k; ++j) b[j] = count_below_near(xr, nr, (cr[j - 1] + cr[j]) * 0.5, b[j]);
             for (int32_t j = 0; j < k; ++j)
                 nc[j] = b[j + 1] > b[j] ? (p[b[j + 1]] - p[b[j]]) / (double)(b[j + 1] - b[j]) : cr[j];
             sort_small(nc, k);
@@ -253,6 +271,27 @@ GOBO_API void gobo_assign_rows(const float *z, const double *c, int64_t rows, in
 #else
 #define VECTOR_CLONES
 #endif
+/* The nearest centroid of x (ties to the lower one): the number of midpoints strictly below
+ * it. Without branches for small codebooks (a data-dependent binary search mispredicts about
+ * every other step), by bisection for wide ones; both count the same midpoints. */
+static inline int32_t nearest_code(const double *mids, int32_t k, double x) {
+    int32_t q = 0;
+    if (k <= 16) {
+        for (int32_t j = 0; j + 1 < k; ++j) q += mids[j] < x;
+        return q;
+    }
+    int32_t lo = 0, hi = k - 1;
+    while (lo < hi) {
+        const int32_t m = (lo + hi) / 2;
+        if (mids[m] < x) lo = m + 1; else hi = m;
+    }
+    return lo;
+}
+
+/* Rows coded together by gobo_feedback_block: their chains of columns are independent, and
+ * each row of t read serves all of them. */
+#define FEEDBACK_ROWS 4
+
 GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const double *w0, int64_t ldw0, int64_t rows,
                                   int64_t n, const double *t, int64_t ldt, const double *cb, int32_t k,
                                   const uint8_t *mask, int64_t ldm, uint8_t *codes, int64_t ldc, double *val,
@@ -260,32 +299,49 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const do
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
-    double mids[256];
-    for (int64_t r = 0; r < rows; ++r) {
-        const double *cr = cb + r * k;
-        for (int32_t j = 0; j + 1 < k; ++j) mids[j] = (cr[j] + cr[j + 1]) * 0.5;
-        double *restrict wr = w + r * ldw;
-        const double *w0r = w0 + r * ldw0;
+    double mids[FEEDBACK_ROWS][256];
+    for (int64_t r0 = 0; r0 < rows; r0 += FEEDBACK_ROWS) {
+        const int64_t nr = rows - r0 < FEEDBACK_ROWS ? rows - r0 : FEEDBACK_ROWS;
+        for (int64_t a = 0; a < nr; ++a) {
+            const double *cr = cb + (r0 + a) * k;
+            for (int32_t j = 0; j + 1 < k; ++j) mids[a][j] = (cr[j] + cr[j + 1]) * 0.5;
+        }
         for (int64_t i = 0; i < n; ++i) {
-            const double x = wr[i];
-            double v;
-            int32_t q = 0;
-            if (mask[r * ldm + i]) {
-                v = (double)(float)x;
-            } else {
-                int32_t lo = 0, hi = k - 1; /* the number of midpoints strictly below x */
-                while (lo < hi) {
-                    const int32_t m = (lo + hi) / 2;
-                    if (mids[m] < x) lo = m + 1; else hi = m;
+            double e[FEEDBACK_ROWS] = {0};
+            for (int64_t a = 0; a < nr; ++a) {
+                const int64_t r = r0 + a;
+                const double x = w[r * ldw + i];
+                double v;
+                int32_t q = 0;
+                if (mask[r * ldm + i]) {
+                    v = (double)(float)x;
+                } else {
+                    q = nearest_code(mids[a], k, x);
+                    v = cb[r * k + q];
                 }
-                q = lo;
-                v = cr[q];
+                codes[r * ldc + i] = (uint8_t)q;
+                val[r * ldv + i] = v;
+                e[a] = w0[r * ldw0 + i] - v;
             }
-            codes[r * ldc + i] = (uint8_t)q;
-            val[r * ldv + i] = v;
-            const double e = w0r[i] - v;
             const double *restrict ti = t + i * ldt;
-            for (int64_t j = i + 1; j < n; ++j) wr[j] += e * ti[j];
+            if (nr == FEEDBACK_ROWS) {
+                double *restrict w_0 = w + r0 * ldw, *restrict w_1 = w_0 + ldw, *restrict w_2 = w_1 + ldw,
+                       *restrict w_3 = w_2 + ldw;
+                const double e0 = e[0], e1 = e[1], e2 = e[2], e3 = e[3];
+                for (int64_t j = i + 1; j < n; ++j) {
+                    const double tj = ti[j];
+                    w_0[j] += e0 * tj;
+                    w_1[j] += e1 * tj;
+                    w_2[j] += e2 * tj;
+                    w_3[j] += e3 * tj;
+                }
+            } else {
+                for (int64_t a = 0; a < nr; ++a) {
+                    double *restrict wr = w + (r0 + a) * ldw;
+                    const double ea = e[a];
+                    for (int64_t j = i + 1; j < n; ++j) wr[j] += ea * ti[j];
+                }
+            }
         }
     }
 }
