@@ -116,8 +116,13 @@ class QuantizedTensor:
     def dequantize(self) -> np.ndarray:
         """The float32 weight this tensor stands for (see the module docstring)."""
         codes = self.unpacked_codes()
-        group = (np.arange(self.rows) // self.group_rows)[:, None]
-        v = self.codebook[group, codes]  # (rows, cols) float32
+        k = self.codebook.shape[1]
+        flat = self.codebook.reshape(-1)
+        v = np.empty((self.rows, self.cols), dtype=np.float32)
+        step = max(1, (1 << 16) // max(self.cols, 1))  # rows at a time: small index temporaries
+        for r in range(0, self.rows, step):
+            start = (np.arange(r, min(r + step, self.rows), dtype=np.intp) // self.group_rows * k)[:, None]
+            flat.take(codes[r : r + step] + start, out=v[r : r + step])  # each row's codebook
         if self.row_scale is not None:
             v = v * self.row_scale.astype(np.float32)[:, None]
         if self.row_offset is not None:

@@ -87,11 +87,19 @@ def select(names: Iterable[str], include: Iterable[str] = DEFAULT_INCLUDE, exclu
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
 
 
+#: elements per partial sum of :func:`sqnr_db`
+_CHUNK = 16384
+
+
 def sqnr_db(w: np.ndarray, q: np.ndarray) -> float:
     w = np.asarray(w, dtype=np.float32).ravel()
-    d = w - np.asarray(q, dtype=np.float32).ravel()
-    e = float(np.sum(np.square(d), dtype=np.float64))
-    s = float(np.sum(np.square(w), dtype=np.float64))
+    q = np.asarray(q, dtype=np.float32).ravel()
+    e = s = 0.0
+    for a in range(0, w.size, _CHUNK):  # float32 dot products of short chunks, summed in float64: no large temporaries
+        wc = w[a : a + _CHUNK]
+        d = wc - q[a : a + _CHUNK]
+        e += float(np.dot(d, d))
+        s += float(np.dot(wc, wc))
     if e == 0.0:
         return math.inf
     return 10.0 * math.log10(s / e) if s > 0 else -math.inf
