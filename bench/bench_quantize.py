@@ -40,7 +40,7 @@ def main() -> int:
 
     import gobo
     from gobo.config import GoboConfig, method_config
-    from gobo.feedback import input_energy
+    from gobo.feedback import fast_dtype, input_energy
     from gobo.data import load_rotten_tomatoes
     from gobo.evaluate import encode
     from gobo.hf import load_source, quantizable_names, state_numpy
@@ -70,7 +70,8 @@ def main() -> int:
             t = time.perf_counter()
             encode(model, tok, texts, batch_size=32)
             enc.append(time.perf_counter() - t)
-        row = {"model": name, "threads": torch.get_num_threads(), "encode_seconds": min(enc), "sentences": len(texts)}
+        row = {"model": name, "threads": torch.get_num_threads(), "encode_seconds": min(enc), "sentences": len(texts),
+               "calibration_dtype": fast_dtype()}
         for method in args.methods:
             cfg = config_of(method)
             qs = []
@@ -79,8 +80,10 @@ def main() -> int:
                 if getattr(cfg, "feedback", None):
                     gobo.quantize(name, cfg)
                 else:
+                    dtype = getattr(cfg, "calibration_dtype", "float32")
                     energy = input_energy(model, tok, names, cfg.act_texts, punctuation=getattr(cfg, "synthetic", "") == "punct",
-                                          seed=getattr(cfg, "synthetic_seed", 0)) if getattr(cfg, "act_outliers", 0) else None
+                                          seed=getattr(cfg, "synthetic_seed", 0),
+                                          dtype=fast_dtype() if dtype == "auto" else dtype) if getattr(cfg, "act_outliers", 0) else None
                     quantize_state(state, names, cfg, input_energy=energy)
                 qs.append(time.perf_counter() - t)
             row[f"{method}_seconds"] = min(qs)

@@ -72,7 +72,7 @@ def test_row_codebooks_cut_the_error_and_cost_their_bytes(minilm_state):
 
 def _moments(minilm_fp32, tokenizer, texts, name):
     ids, mask = feedback.calibration_batch(tokenizer, texts, len(texts))
-    return feedback.input_moments(minilm_fp32, ids, mask, [name])[name]
+    return feedback.input_moments(minilm_fp32, ids, mask, [name])[name].double()
 
 
 @pytest.mark.parametrize("codebook", ["tensor", "row"])
@@ -231,7 +231,25 @@ def test_diagonal_moments_are_the_diagonal_of_the_full_ones(minilm_fp32, tokeniz
     ids, mask = feedback.calibration_batch(tokenizer, snippets[:8], 8)
     full = feedback.input_moments(minilm_fp32, ids, mask, [LAYER])[LAYER]
     diag = feedback.input_moments(minilm_fp32, ids, mask, [LAYER], diagonal=True)[LAYER]
-    torch.testing.assert_close(diag, torch.diagonal(full), rtol=1e-5, atol=0)  # full: float32 products
+    assert full.dtype == torch.float32 and diag.dtype == torch.float64
+    torch.testing.assert_close(diag, torch.diagonal(full).double(), rtol=1e-5, atol=0)  # full: float32 products
+
+
+def test_bfloat16_pass_gives_nearly_the_same_moments(minilm_fp32, tokenizer, snippets):
+    """The bfloat16 pass (autocast forward, float32 sums of products) moves the moments by a
+    fraction of a percent and keeps them positive semi-definite (to float32's rounding)."""
+    ids, mask = feedback.calibration_batch(tokenizer, snippets[:16], 16)
+    names = [LAYER, "encoder.layer.1.output.dense.weight"]
+    full = feedback.input_moments(minilm_fp32, ids, mask, names)
+    half = feedback.input_moments(minilm_fp32, ids, mask, names, dtype="bfloat16")
+    for n in names:
+        rel = float(torch.linalg.norm(half[n] - full[n]) / torch.linalg.norm(full[n]))
+        assert 0 < rel < 0.02, (n, rel)  # moved (the pass did run in bfloat16), but little
+        assert torch.equal(half[n], half[n].T)
+        ev = torch.linalg.eigvalsh(half[n].double())
+        assert float(ev[0]) > -1e-6 * float(ev[-1])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        feedback.input_moments(minilm_fp32, ids, mask, names, dtype="float16")
 
 
 @pytest.mark.parametrize("codebook", ["tensor", "row"])
@@ -267,6 +285,13 @@ def test_quantize_with_act_outliers_measures_synthetic_inputs():
         assert q.n_outliers - plain.quantized[name].n_outliers == round(0.005 * q.numel)
     again = gobo.quantize("minilm-l6", cfg, **SLICE)
     assert all(np.array_equal(q.outlier_index, again.quantized[n].outlier_index) for n, q in one.quantized.items())
+    assert one.config.calibration_dtype == feedback.fast_dtype()  # "auto", resolved and recorded
+    # a float32 pass chooses nearly the same weights: the two precisions move the energies by little
+    full = gobo.quantize("minilm-l6", dataclasses.replace(cfg, calibration_dtype="float32"), **SLICE)
+    half = gobo.quantize("minilm-l6", dataclasses.replace(cfg, calibration_dtype="bfloat16"), **SLICE)
+    for name, q in full.quantized.items():
+        same = np.intersect1d(q.outlier_index, half.quantized[name].outlier_index).size / q.n_outliers
+        assert same > 0.9, (name, same)
     with pytest.raises(ValueError, match="input energy"):
         quantize_state({LAYER: np.ones((4, 4), np.float32)}, [LAYER], cfg)
 
@@ -306,6 +331,13 @@ def test_config_fields_round_trip_and_refuse_bad_values():
     for bad in [dict(synthetic_seed=-1), dict(synthetic_seed=True), dict(synthetic_seed=1.5), dict(synthetic_seed=2**32)]:
         with pytest.raises(ValueError, match="synthetic_seed"):
             GoboConfig(act_outliers=0.01, **bad)
+    # the precision of the calibration pass: recorded where there is one, float32 for files before it
+    assert GoboConfig().calibration_dtype == "float32" and "calibration_dtype" not in config_to_json(GoboConfig())["data"]
+    assert GoboConfig(act_outliers=0.01).calibration_dtype == "auto"  # gobo.quantize resolves it
+    half = GoboConfig(act_outliers=0.01, calibration_dtype="bfloat16")
+    assert config_from_json(json.loads(json.dumps(config_to_json(half)))) == half
+    with pytest.raises(ValueError, match="calibration_dtype"):
+        GoboConfig(act_outliers=0.01, calibration_dtype="float16")
     for bad in [dict(codebook="row"), dict(codebook="col", allocate="uniform"), dict(feedback="real"),
                 dict(feedback="texts", normalize_rows=True), dict(feedback="texts", feedback_texts=0),
                 dict(act_outliers=-0.1), dict(act_outliers=0.5), dict(act_outliers=True), dict(act_texts=0),
@@ -351,6 +383,10 @@ def test_cli_feedback_flags(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["config"]["data"]["act_outliers"] == 0.01
     assert main([*args[:3], str(tmp_path / "s"), "--act-outliers", "0.01", "--synthetic-seed", "5", *args[10:]]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["data"]["synthetic_seed"] == 5
+    assert main([*args[:3], str(tmp_path / "d"), "--act-outliers", "0.01", *args[10:]]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["data"]["calibration_dtype"] == feedback.fast_dtype()
+    assert main([*args[:3], str(tmp_path / "d32"), "--act-outliers", "0.01", "--calibration-dtype", "float32", *args[10:]]) == 0
+    assert "calibration_dtype" not in json.loads(capsys.readouterr().out)["config"]["data"]  # float32: as files before it
     (tmp_path / "empty.txt").write_text("\n \n")
     for extra, msg in [(["--calibration-texts", str(texts)], "need --feedback"),
                        (["--feedback", "synthetic", "--calibration-texts", str(texts)], "needs --feedback texts"),
@@ -363,6 +399,7 @@ def test_cli_feedback_flags(tmp_path, capsys):
                        (["--act-outliers", "0.01", "--method", "qbert"], "apply to --method gobo"),
                        (["--act-outliers", "0.7"], "act_outliers must be a fraction"),
                        (["--feedback-damp", "0.1"], "need --feedback"),
+                       (["--calibration-dtype", "bfloat16"], "needs a pass over calibration sentences"),
                        (["--feedback", "synthetic", "--feedback-damp", "-1"], "feedback_damp must be a positive")]:
         assert main(["quantize", "minilm-l6", "-o", str(tmp_path / "x"), *extra]) == 2
         err = capsys.readouterr().err
@@ -396,7 +433,7 @@ def test_feedback_runs_on_every_architecture_and_groups_shared_inputs(arch):
     for n, fb in out.items():  # each fed-back Linear's output error under the moments it was fed back with
         d0 = torch.from_numpy((quantized[n].dequantize() - state[n]).astype(np.float64))
         d1 = torch.from_numpy((fb.dequantize() - state[n]).astype(np.float64))
-        e0, e1 = (float(torch.einsum("rc,cd,rd->", d, h[n], d)) for d in (d0, d1))
+        e0, e1 = (float(torch.einsum("rc,cd,rd->", d, h[n].double(), d)) for d in (d0, d1))
         assert e1 <= e0 * 1.0001
 
 

@@ -68,6 +68,12 @@ def quantize(
     act = isinstance(config, GoboConfig) and config.act_outliers > 0
     if fed_back and config.feedback == "texts":
         calibration_texts, config = _calibration_texts(config, calibration_texts)
+    if (fed_back or act) and config.calibration_dtype == "auto":  # the file records the precision used
+        import dataclasses
+
+        from .feedback import fast_dtype
+
+        config = dataclasses.replace(config, calibration_dtype=fast_dtype())
     total = len(names) + (_feedback_steps(config, src, names, calibration_texts) if fed_back else 0)
     cb = None if progress is None else (lambda name: progress(name, total))
     if calibrated or fed_back or act:  # model passes over sentences: synthetic ones come from the model's own tokenizer
@@ -79,7 +85,7 @@ def quantize(
     sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
     moments = _shared_moments(config, src, tokenizer, names, calibration_texts, cb) if fed_back and act else None
     if moments is not None:  # the outliers' energies are the diagonal of the feedback's moments
-        energy = {n: np.diag(h.numpy()).copy() for n, h in moments[0].items()}
+        energy = {n: np.diag(h.numpy()).astype(np.float64) for n, h in moments[0].items()}
     else:
         energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
     refed: set[str] = set()  # Linears that feedback re-codes: measured once, after it
@@ -125,7 +131,7 @@ def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -
     from .feedback import input_energy
 
     return input_energy(src, tokenizer, names, config.act_texts, texts if config.feedback == "texts" else None,
-                        punctuation=config.synthetic == "punct", seed=config.synthetic_seed)
+                        punctuation=config.synthetic == "punct", seed=config.synthetic_seed, dtype=config.calibration_dtype)
 
 
 def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
@@ -149,7 +155,7 @@ def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts,
                                            seed=config.synthetic_seed, punctuation=config.synthetic == "punct")
     shared: dict = {}
     step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
-    return feedback.input_moments(src, ids, mask, names, shared=shared, progress=step), shared
+    return feedback.input_moments(src, ids, mask, names, shared=shared, progress=step, dtype=config.calibration_dtype), shared
 
 
 def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts,
@@ -161,7 +167,8 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
         texts = None
     for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts,
                                        damp=config.feedback_damp, punctuation=config.synthetic == "punct",
-                                       seed=config.synthetic_seed, moments=moments, progress=progress).items():
+                                       seed=config.synthetic_seed, moments=moments, progress=progress,
+                                       dtype=config.calibration_dtype).items():
         cm.quantized[name] = qt
     for name, qt in cm.quantized.items():  # those fed back, and Linears the sentences did not reach
         if name not in cm.stats:

@@ -64,13 +64,16 @@ class GoboConfig:
     compact: bool = False  # float16 centroids and row-by-row outlier positions (format version 2): fewer bytes
     bits_for: tuple[tuple[str, int], ...] = ()  # allocate="uniform": (glob, bits) pairs; a tensor whose name
     # matches a glob (the first that does) gets its bits instead of `bits`, e.g. (("*intermediate.dense*", 4),)
+    calibration_dtype: str = "auto"  # act_outliers / feedback: precision of the pass over the calibration sentences,
+    # "float32" or "bfloat16" (gobo.feedback.input_moments); "auto": bfloat16 where the processor multiplies it
+    # natively, else float32 (gobo.quantize records the one it used)
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
                                                      "feedback": "", "feedback_texts": 256, "feedback_sha256": "",
                                                      "act_outliers": 0.0, "act_texts": 64,
                                                      "synthetic": "words", "feedback_damp": 0.01, "synthetic_seed": 0,
-                                                     "compact": False, "bits_for": ()}
+                                                     "compact": False, "bits_for": (), "calibration_dtype": "float32"}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -117,6 +120,10 @@ class GoboConfig:
             object.__setattr__(self, "synthetic_seed", self._OPTIONAL_FIELDS["synthetic_seed"])
         if not self.feedback:
             object.__setattr__(self, "feedback_damp", self._OPTIONAL_FIELDS["feedback_damp"])
+        if self.calibration_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"calibration_dtype must be 'auto', 'float32' or 'bfloat16', got {self.calibration_dtype!r}")
+        if not (self.act_outliers or self.feedback):  # no pass over calibration sentences
+            object.__setattr__(self, "calibration_dtype", self._OPTIONAL_FIELDS["calibration_dtype"])
         object.__setattr__(self, "feedback_damp", float(self.feedback_damp))
         if self.act_outliers and self.normalize_rows:
             raise ValueError("act_outliers does not combine with normalize_rows")
