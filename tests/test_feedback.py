@@ -495,6 +495,14 @@ def test_bits_for_sets_bits_by_name_and_round_trips(minilm_state, tmp_path):
     got = {n: q.bits for n, q in cm.quantized.items()}
     assert got["encoder.layer.0.intermediate.dense.weight"] == 4 and got["encoder.layer.0.attention.self.query.weight"] == 2
     assert {b for n, b in got.items() if "intermediate" not in n and "query" not in n} == {3}
+    # activation-weighted outliers are chosen at each tensor's own width
+    ff = "encoder.layer.0.intermediate.dense.weight"
+    w = minilm_state[ff]
+    energy = {n: np.linspace(0.1, 3.0, minilm_state[n].shape[1]) for n in names}
+    act = quantize_state(minilm_state, names, dataclasses.replace(cfg, act_outliers=0.01), input_energy=energy)
+    at4, at3 = (Prepared(w, dataclasses.replace(cfg, act_outliers=0.01), energy[ff], b).build(4) for b in (4, 3))
+    assert np.array_equal(act.quantized[ff].outlier_index, at4.outlier_index)
+    assert not np.array_equal(at4.outlier_index, at3.outlier_index)  # the width does change the choice
     with pytest.raises(ValueError, match="'\\*intermediat\\.dense\\*' matches none"):
         quantize_state(minilm_state, names, GoboConfig(allocate="uniform", bits_for=(("*intermediat.dense*", 4),)))
     for bad, match in [(dict(bits_for=(("*", 9),)), "from 1 to 8"), (dict(bits_for=(("", 3),)), "non-empty"),

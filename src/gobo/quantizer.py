@@ -242,7 +242,9 @@ def quantize_state(
             if config.act_outliers and input_energy is None:
                 raise ValueError("act_outliers needs the input energy of every Linear; use gobo.quantize")
             energy = input_energy if config.act_outliers else {}
-            preps = dict(zip(names, pool.map(lambda n: gobo_method.Prepared(arrays[n], config, energy.get(n)), names)))
+            uniform = config.allocate == "uniform"  # each tensor's width known now: its outliers are chosen at it
+            preps = dict(zip(names, pool.map(
+                lambda n: gobo_method.Prepared(arrays[n], config, energy.get(n), config.bits_of(n) if uniform else None), names)))
             if config.allocate == "sensitivity" and sensitivity is None:
                 raise ValueError("allocate='sensitivity' needs the model to measure output sensitivity; use gobo.quantize")
             if config.allocate in ("size", "sensitivity", "hessian"):

@@ -188,9 +188,12 @@ def assign(w: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 class Prepared:
     """One tensor made ready for GOBO at any bit width: outliers found, rows normalised,
-    inliers sorted once. ``centroids(b)`` and ``distortion(b)`` are cheap after that."""
+    inliers sorted once. ``centroids(b)`` and ``distortion(b)`` are cheap after that.
+    ``bits``: the width the tensor will be built at, where it is known beforehand (every
+    tensor at its own width, ``allocate="uniform"``), which activation-weighted outliers are
+    chosen at (``config.bits`` when None)."""
 
-    def __init__(self, weight: np.ndarray, config, input_energy: np.ndarray | None = None) -> None:
+    def __init__(self, weight: np.ndarray, config, input_energy: np.ndarray | None = None, bits: int | None = None) -> None:
         w32 = np.ascontiguousarray(weight, dtype=np.float32)
         if w32.ndim < 1 or w32.size == 0:
             raise ValueError("cannot quantize an empty tensor")
@@ -204,7 +207,7 @@ class Prepared:
         if mask.all():  # degenerate: keep something to cluster
             mask[:] = False
         if input_energy is not None and config.act_outliers > 0:
-            mask = act_outlier_mask(w2, mask, input_energy, config)
+            mask = act_outlier_mask(w2, mask, input_energy, config, bits)
         self.mask = mask
         self.row_scale = self.row_offset = None
         if config.normalize_rows:
@@ -317,15 +320,15 @@ def _stored(c: np.ndarray, compact: bool) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def act_outlier_mask(w2: np.ndarray, mask: np.ndarray, energy: np.ndarray, config) -> np.ndarray:
+def act_outlier_mask(w2: np.ndarray, mask: np.ndarray, energy: np.ndarray, config, bits: int | None = None) -> np.ndarray:
     """``mask`` plus the ``config.act_outliers`` fraction of ``w2``'s weights (rows x cols)
-    whose error, quantized at ``config.bits`` with ``mask`` as outliers, weighs most once
+    whose error, quantized at ``bits`` (``config.bits`` when None) with ``mask`` as outliers, weighs most once
     multiplied by its input's mean square ``energy[col]``: the weights whose error reaches
     the layer's output most. Ties go to the earlier position."""
     energy = np.asarray(energy, dtype=np.float64).reshape(-1)
     if w2.ndim != 2 or energy.shape != (w2.shape[1],):
         raise ValueError(f"input energy of {energy.size} features does not fit a weight of shape {w2.shape}")
-    k = 1 << config.bits
+    k = 1 << (config.bits if bits is None else bits)
     if config.codebook == "row":
         c = cluster_rows(w2, mask, k, config.max_iter)
         deq = np.take_along_axis(c.astype(np.float32), assign_rows(w2, c).astype(np.intp), 1)
