@@ -80,10 +80,9 @@ def main() -> int:
                 if getattr(cfg, "feedback", None):
                     gobo.quantize(name, cfg)
                 else:
-                    dtype = getattr(cfg, "calibration_dtype", "float32")
                     energy = input_energy(model, tok, names, cfg.act_texts, punctuation=getattr(cfg, "synthetic", "") == "punct",
                                           seed=getattr(cfg, "synthetic_seed", 0),
-                                          dtype=fast_dtype() if dtype == "auto" else dtype) if getattr(cfg, "act_outliers", 0) else None
+                                          dtype=getattr(cfg, "calibration_dtype", "float32")) if getattr(cfg, "act_outliers", 0) else None
                     quantize_state(state, names, cfg, input_energy=energy)
                 qs.append(time.perf_counter() - t)
             row[f"{method}_seconds"] = min(qs)

@@ -248,6 +248,9 @@ def test_bfloat16_pass_gives_nearly_the_same_moments(minilm_fp32, tokenizer, sni
         assert torch.equal(half[n], half[n].T)
         ev = torch.linalg.eigvalsh(half[n].double())
         assert float(ev[0]) > -1e-6 * float(ev[-1])
+    auto = feedback.input_moments(minilm_fp32, ids, mask, names, dtype="auto")  # fast_dtype()'s choice
+    chosen = half if feedback.fast_dtype() == "bfloat16" else full
+    assert all(torch.equal(auto[n], chosen[n]) for n in names)
     with pytest.raises(ValueError, match="dtype must be one of"):
         feedback.input_moments(minilm_fp32, ids, mask, names, dtype="float16")
 

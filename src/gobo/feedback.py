@@ -41,11 +41,12 @@ CALIBRATION_STEP = "calibration.sentences"
 #: sentences per forward pass of :func:`input_moments`
 BATCH = 32
 #: precisions of the calibration pass (:func:`input_moments`): "float32", or "bfloat16"
-#: (autocast forward, bfloat16 products of each batch). On all-mpnet-base-v2, 64 synthetic
+#: (autocast forward, the moments still summed in float32), or "auto" (:func:`fast_dtype`'s
+#: choice). On all-mpnet-base-v2, 64 synthetic
 #: sentences, the output error of the fed-back Linears of layers 0, 5 and 11 under real
 #: texts' moments was the same either way (0.00881 and 0.00881 on one seed of sentences, 0.00876
 #: and 0.00877 on another); the forward pass took half the time.
-CALIBRATION_DTYPES = ("float32", "bfloat16")
+CALIBRATION_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def fast_dtype() -> str:
@@ -115,13 +116,13 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
     summed in float32 (products of bfloat16 values are exact there, so ``H`` stays positive
     semi-definite; bfloat16 products rounded batch by batch did not, next to MPNet's loudest
     features). Twice as fast a forward pass where the processor multiplies bfloat16 natively
-    (:func:`fast_dtype`), and the moments move by less than the sample of sentences moves them
-    (see :data:`CALIBRATION_DTYPES`)."""
+    (:func:`fast_dtype`, what ``dtype="auto"`` chooses), and the moments move by less than
+    the sample of sentences moves them (see :data:`CALIBRATION_DTYPES`)."""
     import torch
 
     if dtype not in CALIBRATION_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(CALIBRATION_DTYPES)}, got {dtype!r}")
-    half = dtype == "bfloat16"
+    half = (fast_dtype() if dtype == "auto" else dtype) == "bfloat16"
     mods = dict(model.named_modules())
     sums: dict = {}
     count: dict = {}
@@ -220,12 +221,8 @@ def moments_factor(h, damp: float = DAMP):
     factorisation runs in float32, in float64 where that fails: on all-mpnet-base-v2's
     3072-wide moments, damped by 0.01 to 1, the output error of the codes was the same to
     0.3% either way, at half the time."""
-    import torch
-
-    F, perm, dead = _factor_transposed(h, damp)
-    T = F.mT.to(torch.float64).contiguous()
-    T /= torch.diag(T).clone()[None, :]
-    return T, perm, dead
+    F, diag, _, perm, dead = _factor_parts(h, damp)
+    return (F.mT.to(diag.dtype) / diag[None, :]).contiguous(), perm, dead
 
 
 def _factor_transposed(h, damp: float):
@@ -250,6 +247,17 @@ def _factor_transposed(h, damp: float):
     else:
         raise ValueError("the damped input moments are not positive definite; raise the damping (feedback_damp)")
     return L.mT.flip(0, 1), perm, dead
+
+
+def _factor_parts(h, damp: float):
+    """``(F, diag, Tt32, perm, dead)``: :func:`_factor_transposed`'s factor with its diagonal
+    (float64; ``T`` is ``F^T`` with its columns divided by it) and the float32 ``T^T`` that
+    :func:`_fed_block` feeds earlier blocks' errors forward with."""
+    import torch
+
+    F, perm, dead = _factor_transposed(h, damp)
+    diag = torch.diag(F).to(torch.float64)
+    return F, diag, F.to(torch.float32) / diag.to(torch.float32)[:, None], perm, dead
 
 
 def error_feedback(weight, h, quantize: Callable, damp: float = DAMP, block: int = BLOCK):
@@ -292,13 +300,8 @@ def _coding_order(w64, h, damp: float):
     :func:`moments_factor` (``T``, float64, what each block's columns are coded with) and the
     float32 transpose of ``T`` that the pushes between blocks use (:func:`_fed_block`), and
     the order."""
-    import torch
-
-    F, perm, dead = _factor_transposed(h, damp)
-    diag = torch.diag(F).to(torch.float64)
-    T = F.mT.to(torch.float64) / diag[None, :]
-    Tt32 = F.to(torch.float32) / diag.to(torch.float32)[:, None]
-    return _ordered(w64, perm, dead), T, Tt32, perm
+    F, diag, Tt32, perm, dead = _factor_parts(h, damp)
+    return _ordered(w64, perm, dead), F.mT.to(diag.dtype) / diag[None, :], Tt32, perm
 
 
 def _ordered(w64, perm, dead):
@@ -344,9 +347,7 @@ def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: 
 
     from . import native
 
-    F, perm, dead = _factor_transposed(h, damp)
-    diag = torch.diag(F).to(torch.float64)  # T: F^T with its columns divided by these
-    Tt32 = F.to(torch.float32) / diag.to(torch.float32)[:, None]  # as _coding_order makes it
+    F, diag, Tt32, perm, dead = _factor_parts(h, damp)
     W0 = _ordered(torch.as_tensor(np.asarray(weight, dtype=np.float32)).to(torch.float64), perm, dead)
     rows, cols = W0.shape
     M = torch.as_tensor(np.ascontiguousarray(mask, dtype=np.uint8))[:, perm].contiguous()
@@ -407,19 +408,15 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
         m[qt.outlier_index] = True
         masks.append(m.reshape(qt.rows, qt.cols))
         ws.append(np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols))
-    if native.available():  # codes put back in column order; of the values, only the outliers' are kept
-        codes, values, perm = _feedback_rows(np.concatenate(ws), h, np.concatenate(cbs), np.concatenate(masks), damp,
-                                             block, None)
+    if native.available():  # codes put back in column order; of the values, only the outliers' are read
+        codes, ordered, perm = _feedback_rows(np.concatenate(ws), h, np.concatenate(cbs), np.concatenate(masks), damp,
+                                              block, None)
         inv = torch.argsort(perm)
-        codes = codes[:, inv].numpy()
-        at = inv.numpy()
-        out, r0 = [], 0
-        for qt in qts:
+        codes, at, ordered = codes[:, inv].numpy(), inv.numpy(), ordered.numpy()
+
+        def outlier_values(r0: int, qt: QuantizedTensor) -> np.ndarray:
             r, c = np.divmod(qt.outlier_index, qt.cols)
-            v = values.numpy()[r0 + r, at[c]]
-            out.append(_recoded(qt, codes[r0 : r0 + qt.rows].reshape(-1), v))
-            r0 += qt.rows
-        return out
+            return ordered[r0 + r, at[c]]
     else:  # the reference: one Linear at a time, in torch
         parts = []
         for cb_, m_, w_ in zip(cbs, masks, ws):
@@ -437,10 +434,12 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
             parts.append((c.numpy(), v.numpy()))
         codes = np.concatenate([p[0] for p in parts])
         values = np.concatenate([p[1] for p in parts])
+
+        def outlier_values(r0: int, qt: QuantizedTensor) -> np.ndarray:
+            return values[r0 : r0 + qt.rows].reshape(-1)[qt.outlier_index]
     out, r0 = [], 0
     for qt in qts:
-        v = values[r0 : r0 + qt.rows].reshape(-1)
-        out.append(_recoded(qt, codes[r0 : r0 + qt.rows].reshape(-1), v[qt.outlier_index]))
+        out.append(_recoded(qt, codes[r0 : r0 + qt.rows].reshape(-1), outlier_values(r0, qt)))
         r0 += qt.rows
     return out
 
