@@ -217,7 +217,7 @@ def test_act_outliers_and_feedback_on_the_same_sentences_share_one_pass(monkeypa
                      feedback_texts=8)
     calls = []
     real = feedback.input_moments
-    monkeypatch.setattr(feedback, "input_moments", lambda *a, **k: calls.append(k.get("diagonal", False)) or real(*a, **k))
+    monkeypatch.setattr(feedback, "input_moments", lambda *a, **k: calls.append(k.get("diagonal") is True) or real(*a, **k))
     one = gobo.quantize("minilm-l6", cfg, **SLICE)
     assert calls == [False]  # one pass, full moments; the energies are their diagonal
     calls.clear()
@@ -341,6 +341,17 @@ def test_config_fields_round_trip_and_refuse_bad_values():
     assert config_from_json(json.loads(json.dumps(config_to_json(half)))) == half
     with pytest.raises(ValueError, match="calibration_dtype"):
         GoboConfig(act_outliers=0.01, calibration_dtype="float16")
+    # Linears left out of the feedback: recorded where given, and only with feedback
+    some = GoboConfig(allocate="uniform", codebook="row", feedback="synthetic", feedback_exclude=["*output.dense*"])
+    assert some.feedback_exclude == ("*output.dense*",) and list(config_to_json(some)["data"]["feedback_exclude"]) == ["*output.dense*"]
+    assert config_from_json(json.loads(json.dumps(config_to_json(some)))) == some
+    assert "feedback_exclude" not in config_to_json(dataclasses.replace(some, feedback_exclude=()))["data"]
+    assert not some.fed_back("encoder.layer.0.output.dense.weight") and some.fed_back("encoder.layer.0.intermediate.dense.weight")
+    assert not GoboConfig().fed_back("encoder.layer.0.intermediate.dense.weight")  # no feedback at all
+    for bad in [dict(feedback_exclude=("*",)), dict(feedback="synthetic", feedback_exclude="*output*"),
+                dict(feedback="synthetic", feedback_exclude=("",)), dict(feedback="synthetic", feedback_exclude=(3,))]:
+        with pytest.raises(ValueError, match="feedback_exclude"):
+            GoboConfig(**bad)
     for bad in [dict(codebook="row"), dict(codebook="col", allocate="uniform"), dict(feedback="real"),
                 dict(feedback="texts", normalize_rows=True), dict(feedback="texts", feedback_texts=0),
                 dict(act_outliers=-0.1), dict(act_outliers=0.5), dict(act_outliers=True), dict(act_texts=0),
@@ -348,6 +359,36 @@ def test_config_fields_round_trip_and_refuse_bad_values():
                 dict(feedback_damp=True), dict(feedback_damp=float("nan"))]:
         with pytest.raises(ValueError):
             GoboConfig(**bad)
+
+
+def test_feedback_exclude_keeps_nearest_codes_and_skips_full_moments(minilm_fp32, tokenizer):
+    model, tok = minilm_fp32, tokenizer
+    x = "*[0-9].output.dense*"  # the feed-forward output, not attention.output.dense
+    base = dict(allocate="uniform", codebook="row", feedback="synthetic", feedback_texts=8, act_texts=8, calibration_dtype="float32")
+    for act in (0.0, 0.005):  # moments from apply's own pass, or shared with the outliers' energies
+        full = gobo.quantize("minilm-l6", GoboConfig(**base, act_outliers=act), **SLICE)
+        part = gobo.quantize("minilm-l6", GoboConfig(**base, act_outliers=act, feedback_exclude=(x,)), **SLICE)
+        none = gobo.quantize("minilm-l6", GoboConfig(**{**base, "feedback": ""}, act_outliers=act), **SLICE)
+        for name, q in part.quantized.items():
+            kept = name == "encoder.layer.1.output.dense.weight"
+            assert part.stats[name] == (none if kept else full).stats[name]
+            assert np.array_equal(q.dequantize(), (none if kept else full).quantized[name].dequantize()), name
+            assert np.array_equal(q.outlier_index, full.quantized[name].outlier_index)  # the same energies
+        assert not np.array_equal(full.quantized["encoder.layer.1.output.dense.weight"].dequantize(),
+                                  none.quantized["encoder.layer.1.output.dense.weight"].dequantize())
+        assert part.config.feedback_exclude == (x,) and part.config.fed_back("encoder.layer.1.intermediate.dense.weight")
+    # only the diagonal of an excluded Linear's input is formed; a Linear sharing its input that is fed
+    # back still gets the full moments
+    ids, mask = feedback.calibration_batch(tok, None, 4, seed=0, punctuation=True)
+    q, k = "encoder.layer.1.attention.self.query.weight", "encoder.layer.1.attention.self.key.weight"
+    out = "encoder.layer.1.output.dense.weight"
+    full = feedback.input_moments(model, ids, mask, [q, k, out])
+    shared: dict = {}
+    some = feedback.input_moments(model, ids, mask, [q, k, out], diagonal=[q, out], shared=shared)
+    assert some[q].dim() == 1 and some[out].dim() == 1 and some[k].dim() == 2 and shared[k] == k
+    torch.testing.assert_close(some[k], full[k])
+    for n in (q, out):
+        torch.testing.assert_close(some[n].to(torch.float32), torch.diag(full[n]), rtol=1e-5, atol=1e-7)
 
 
 def test_quantize_with_feedback_saves_loads_and_repeats(tmp_path, snippets):
@@ -390,6 +431,8 @@ def test_cli_feedback_flags(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["config"]["data"]["calibration_dtype"] == feedback.fast_dtype()
     assert main([*args[:3], str(tmp_path / "d32"), "--act-outliers", "0.01", "--calibration-dtype", "float32", *args[10:]]) == 0
     assert "calibration_dtype" not in json.loads(capsys.readouterr().out)["config"]["data"]  # float32: as files before it
+    assert main([*args[:3], str(tmp_path / "x1"), "--feedback-exclude", "*query*", "--feedback-exclude", "*key*", *args[4:]]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["data"]["feedback_exclude"] == ["*query*", "*key*"]
     (tmp_path / "empty.txt").write_text("\n \n")
     for extra, msg in [(["--calibration-texts", str(texts)], "need --feedback"),
                        (["--feedback", "synthetic", "--calibration-texts", str(texts)], "needs --feedback texts"),
@@ -402,6 +445,7 @@ def test_cli_feedback_flags(tmp_path, capsys):
                        (["--act-outliers", "0.01", "--method", "qbert"], "apply to --method gobo"),
                        (["--act-outliers", "0.7"], "act_outliers must be a fraction"),
                        (["--feedback-damp", "0.1"], "need --feedback"),
+                       (["--feedback-exclude", "*output.dense*"], "need --feedback"),
                        (["--calibration-dtype", "bfloat16"], "needs a pass over calibration sentences"),
                        (["--feedback", "synthetic", "--feedback-damp", "-1"], "feedback_damp must be a positive")]:
         assert main(["quantize", "minilm-l6", "-o", str(tmp_path / "x"), *extra]) == 2

@@ -67,13 +67,17 @@ class GoboConfig:
     calibration_dtype: str = "auto"  # act_outliers / feedback: precision of the pass over the calibration sentences,
     # "float32" or "bfloat16" (gobo.feedback.input_moments); "auto": bfloat16 where the processor multiplies it
     # natively, else float32 (gobo.quantize records the one it used)
+    feedback_exclude: tuple[str, ...] = ()  # feedback: Linear weights whose names match one of these globs keep
+    # their nearest-centroid codes, and their inputs' full moments are never formed (only their diagonal, for
+    # act_outliers), e.g. ("*output.dense*",): the 3072-wide inputs that cost most of the feedback's time
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
                                                      "feedback": "", "feedback_texts": 256, "feedback_sha256": "",
                                                      "act_outliers": 0.0, "act_texts": 64,
                                                      "synthetic": "words", "feedback_damp": 0.01, "synthetic_seed": 0,
-                                                     "compact": False, "bits_for": (), "calibration_dtype": "float32"}
+                                                     "compact": False, "bits_for": (), "calibration_dtype": "float32",
+                                                     "feedback_exclude": ()}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -130,6 +134,9 @@ class GoboConfig:
         if not isinstance(self.compact, bool):
             raise ValueError(f"compact must be True or False, got {self.compact!r}")
         object.__setattr__(self, "bits_for", _bits_for(self.bits_for))
+        object.__setattr__(self, "feedback_exclude", _globs("feedback_exclude", self.feedback_exclude))
+        if self.feedback_exclude and not self.feedback:
+            raise ValueError("feedback_exclude names Linears to leave out of error feedback, which needs feedback")
         if self.bits_for and self.allocate != "uniform":
             raise ValueError("bits_for sets bits by name, which needs allocate='uniform' (a mixed allocation chooses them itself)")
         if self.layer_omega and self.allocate != "hessian":
@@ -147,6 +154,13 @@ class GoboConfig:
             raise ValueError(f"allocate must be 'uniform', 'size', 'sensitivity' or 'hessian', got {self.allocate!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+
+    def fed_back(self, name: str) -> bool:
+        """Whether error feedback re-codes Linear weight ``name``: ``feedback`` is on and no
+        ``feedback_exclude`` glob matches it."""
+        from fnmatch import fnmatchcase
+
+        return bool(self.feedback) and not any(fnmatchcase(name, glob) for glob in self.feedback_exclude)
 
     def bits_of(self, name: str) -> int:
         """The bits of tensor ``name`` under a uniform allocation: those of the first
@@ -252,6 +266,14 @@ def _bits_for(value) -> tuple[tuple[str, int], ...]:
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
             raise ValueError(f"bits_for: bits for {glob!r} must be from 1 to 8, got {b!r}")
     return pairs
+
+
+def _globs(field: str, value) -> tuple[str, ...]:
+    """A sequence of non-empty name patterns as a tuple (a JSON file gives a list)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or \
+            not all(isinstance(g, str) and g for g in value):
+        raise ValueError(f"{field} must be a sequence of non-empty name patterns, got {value!r}")
+    return tuple(value)
 
 
 def method_config(method: str, bits: int = 3, **overrides) -> GoboConfig | DirectQConfig | QBertConfig:

@@ -20,7 +20,7 @@ agreement instead of 91.8% on all-mpnet-base-v2).
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -95,14 +95,15 @@ def linear_weights(model, names: Sequence[str]) -> list[str]:
     return [n for n in names if isinstance(mods.get(n.rsplit(".", 1)[0]), torch.nn.Linear)]
 
 
-def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = BATCH, diagonal: bool = False,
+def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = BATCH,
+                  diagonal: bool | Collection[str] = False,
                   shared: dict | None = None, progress: Callable[[], None] | None = None, dtype: str = "float32") -> dict:
     """``E[x x^T]`` (float32 torch tensors) of the input of every nn.Linear whose weight is
     named in ``weights``, over the real tokens of the batch (products and their sums over
     batches in float32: relative rounding about 1e-6, well below what the sample of
     sentences moves); with
     ``diagonal`` only its diagonal ``E[x_j^2]`` (in float64), one value per input feature
-    (much cheaper). A dict given as
+    (much cheaper): for every weight (``True``) or for those named in it (a collection). A dict given as
     ``shared`` receives, for each weight, the first of ``weights`` whose Linear reads the same
     input tensor (a layer's query, key and value share one, and get one tensor, not to be
     changed in place). ``progress()`` is called after each batch of ``batch`` sentences.
@@ -123,6 +124,7 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
     if dtype not in CALIBRATION_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(CALIBRATION_DTYPES)}, got {dtype!r}")
     half = (fast_dtype() if dtype == "auto" else dtype) == "bfloat16"
+    only_diag = set(weights) if diagonal is True else set(diagonal or ())
     mods = dict(model.named_modules())
     sums: dict = {}
     count: dict = {}
@@ -139,12 +141,14 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
             if x.dim() != 3:
                 return
             # Linears called one after the other on the same tensor (query, key and value)
-            # share one product, summed once under the first one's name
+            # share one product, summed once under the first one's name (a diagonal one
+            # shared only by those that need no more)
+            diag = w in only_diag
             last = cur["last"]
-            if last is None or last[0] is not x:
-                last = cur["last"] = (x, w)
+            if last is None or last[0] is not x or (last[2] and not diag):
+                last = cur["last"] = (x, w, diag)
                 xm = x[cur["mask"]]
-                if diagonal:
+                if diag:
                     prod = (xm.to(torch.float64) ** 2).sum(0)
                     sums[w] = sums[w] + prod if w in sums else prod
                 else:  # float32 sums of the upper bands only: the lower ones are their mirror image
@@ -181,8 +185,8 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
         shared.update(first)
     means = {}
     for k, acc in sums.items():
-        mean = acc if not diagonal else acc.clone()  # the diagonal's sums are inference tensors
-        if not diagonal:
+        mean = acc if acc.dim() == 2 else acc.clone()  # the diagonal's sums are inference tensors
+        if acc.dim() == 2:
             bands = _bands(mean.shape[0])
             for i, (a, b) in enumerate(bands):
                 for c, d in bands[i + 1 :]:
@@ -461,8 +465,9 @@ def _recoded(qt: QuantizedTensor, codes: np.ndarray, outlier_value: np.ndarray) 
 
 def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,
           damp: float = DAMP, punctuation: bool = False, seed: int = 0, moments: tuple | None = None,
-          progress: Callable[[str], None] | None = None, dtype: str = "float32") -> dict:
-    """Re-code every quantized nn.Linear weight of ``quantized`` by :func:`requantize` under
+          progress: Callable[[str], None] | None = None, dtype: str = "float32", skip: Collection[str] = ()) -> dict:
+    """Re-code every quantized nn.Linear weight of ``quantized`` (but those named in ``skip``,
+    which keep their codes) by :func:`requantize` under
     the input moments of the FP32 ``model`` on ``n`` calibration sentences (``texts`` None:
     synthetic, drawn with ``seed``, with punctuation if asked), or under ``moments`` (what
     :func:`input_moments` returned and the ``shared`` dict it filled) when given. Linears that
@@ -474,13 +479,13 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
     if moments is None:
         ids, mask = calibration_batch(tokenizer, texts, n, seed=seed, punctuation=punctuation)
         shared: dict = {}
-        h = input_moments(model, ids, mask, list(quantized), shared=shared, dtype=dtype,
+        h = input_moments(model, ids, mask, [n for n in quantized if n not in skip], shared=shared, dtype=dtype,
                           progress=None if progress is None else (lambda: progress(CALIBRATION_STEP)))
     else:
         h, shared = moments
     groups: dict = {}
     for name in quantized:
-        if name in h:
+        if name in h and name not in skip:
             groups.setdefault(shared.get(name, name), []).append(name)
     out = {}
     for key, names in groups.items():
@@ -489,7 +494,7 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
             out[n] = qt
             if progress is not None:
                 progress(n)
-    if progress is not None:  # Linears the sentences did not reach as 3-D inputs (a pooler) keep their codes
-        for name in linear_weights(model, [n for n in quantized if n not in h]):
+    if progress is not None:  # Linears skipped or not reached as 3-D inputs (a pooler) keep their codes
+        for name in linear_weights(model, [n for n in quantized if n not in h or n in skip]):
             progress(name)
     return out
