@@ -431,8 +431,8 @@ def test_cli_feedback_flags(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["config"]["data"]["calibration_dtype"] == feedback.fast_dtype()
     assert main([*args[:3], str(tmp_path / "d32"), "--act-outliers", "0.01", "--calibration-dtype", "float32", *args[10:]]) == 0
     assert "calibration_dtype" not in json.loads(capsys.readouterr().out)["config"]["data"]  # float32: as files before it
-    assert main([*args[:3], str(tmp_path / "x1"), "--feedback-exclude", "*query*", "--feedback-exclude", "*key*", *args[4:]]) == 0
-    assert json.loads(capsys.readouterr().out)["config"]["data"]["feedback_exclude"] == ["*query*", "*key*"]
+    assert main([*args[:3], str(tmp_path / "x1"), "--feedback-exclude", "*query*", "--feedback-exclude", "*self.query*", *args[4:]]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["data"]["feedback_exclude"] == ["*query*", "*self.query*"]
     (tmp_path / "empty.txt").write_text("\n \n")
     for extra, msg in [(["--calibration-texts", str(texts)], "need --feedback"),
                        (["--feedback", "synthetic", "--calibration-texts", str(texts)], "needs --feedback texts"),
@@ -446,6 +446,7 @@ def test_cli_feedback_flags(tmp_path, capsys):
                        (["--act-outliers", "0.7"], "act_outliers must be a fraction"),
                        (["--feedback-damp", "0.1"], "need --feedback"),
                        (["--feedback-exclude", "*output.dense*"], "need --feedback"),
+                       (["--feedback", "synthetic", "--feedback-exclude", "*outptu.dense*"], "matches none of the Linear"),
                        (["--calibration-dtype", "bfloat16"], "needs a pass over calibration sentences"),
                        (["--feedback", "synthetic", "--feedback-damp", "-1"], "feedback_damp must be a positive")]:
         assert main(["quantize", "minilm-l6", "-o", str(tmp_path / "x"), *extra]) == 2

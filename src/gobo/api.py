@@ -74,6 +74,15 @@ def quantize(
         from .feedback import fast_dtype
 
         config = dataclasses.replace(config, calibration_dtype=fast_dtype())
+    if fed_back:  # a pattern that matches nothing is a typo, not a choice: say so before the passes
+        from fnmatch import fnmatchcase
+
+        from .feedback import linear_weights
+
+        linears = linear_weights(src, names)
+        for glob in config.feedback_exclude:
+            if not any(fnmatchcase(n, glob) for n in linears):
+                raise ValueError(f"feedback_exclude pattern {glob!r} matches none of the Linear weights to quantize")
     total = len(names) + (_feedback_steps(config, src, names, calibration_texts) if fed_back else 0)
     cb = None if progress is None else (lambda name: progress(name, total))
     if calibrated or fed_back or act:  # model passes over sentences: synthetic ones come from the model's own tokenizer
