@@ -74,13 +74,15 @@ def quantize(
         from .feedback import fast_dtype
 
         config = dataclasses.replace(config, calibration_dtype=fast_dtype())
-    if fed_back:  # a pattern that matches nothing is a typo, not a choice: say so before the passes
+    refed: set[str] = set()  # Linears that feedback re-codes: measured once, after it
+    if fed_back:
         from fnmatch import fnmatchcase
 
         from .feedback import linear_weights
 
         linears = linear_weights(src, names)
-        for glob in config.feedback_exclude:
+        refed = {n for n in linears if config.fed_back(n)}
+        for glob in config.feedback_exclude:  # a pattern that matches nothing is a typo: say so before the passes
             if not any(fnmatchcase(n, glob) for n in linears):
                 raise ValueError(f"feedback_exclude pattern {glob!r} matches none of the Linear weights to quantize")
     total = len(names) + (_feedback_steps(config, src, names, calibration_texts) if fed_back else 0)
@@ -97,11 +99,6 @@ def quantize(
         energy = {n: (np.diag(h.numpy()) if h.dim() == 2 else h.numpy()).astype(np.float64) for n, h in moments[0].items()}
     else:
         energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
-    refed: set[str] = set()  # Linears that feedback re-codes: measured once, after it
-    if fed_back:
-        from .feedback import linear_weights
-
-        refed = {n for n in linear_weights(src, names) if config.fed_back(n)}
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, unmeasured=refed)
     if fed_back:
         cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb)
