@@ -9,6 +9,7 @@ Prints a table and writes JSON (speed as a ratio against the encoding baseline).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -58,9 +59,7 @@ def main() -> int:
             return GoboConfig(bits=3, codebook="row", allocate="uniform", act_outliers=0.006, feedback="synthetic",
                               feedback_texts=64, feedback_damp=1.0, bits_for=(("*intermediate.dense*", 4),), compact=True)
         if method == "gobo-rows-act-fb-mixed-fast":
-            return GoboConfig(bits=3, codebook="row", allocate="uniform", act_outliers=0.006, feedback="synthetic",
-                              feedback_texts=64, feedback_damp=1.0, bits_for=(("*intermediate.dense*", 4),), compact=True,
-                              feedback_exclude=("*[0-9].output.dense*",))
+            return dataclasses.replace(config_of("gobo-rows-act-fb-mixed"), feedback_exclude=("*[0-9].output.dense*",))
         return method_config(method, 3)
 
     _, test = load_rotten_tomatoes()

@@ -76,15 +76,14 @@ def quantize(
         config = dataclasses.replace(config, calibration_dtype=fast_dtype())
     refed: set[str] = set()  # Linears that feedback re-codes: measured once, after it
     if fed_back:
-        from fnmatch import fnmatchcase
-
         from .feedback import linear_weights
+        from .quantizer import unmatched
 
         linears = linear_weights(src, names)
         refed = {n for n in linears if config.fed_back(n)}
-        for glob in config.feedback_exclude:  # a pattern that matches nothing is a typo: say so before the passes
-            if not any(fnmatchcase(n, glob) for n in linears):
-                raise ValueError(f"feedback_exclude pattern {glob!r} matches none of the Linear weights to quantize")
+        glob = unmatched(config.feedback_exclude, linears)  # said before the passes over the sentences
+        if glob is not None:
+            raise ValueError(f"feedback_exclude pattern {glob!r} matches none of the Linear weights to quantize")
     total = len(names) + (_feedback_steps(config, src, names, calibration_texts) if fed_back else 0)
     cb = None if progress is None else (lambda name: progress(name, total))
     if calibrated or fed_back or act:  # model passes over sentences: synthetic ones come from the model's own tokenizer

@@ -69,7 +69,8 @@ class GoboConfig:
     # natively, else float32 (gobo.quantize records the one it used)
     feedback_exclude: tuple[str, ...] = ()  # feedback: Linear weights whose names match one of these globs keep
     # their nearest-centroid codes, and their inputs' full moments are never formed (only their diagonal, for
-    # act_outliers), e.g. ("*output.dense*",): the 3072-wide inputs that cost most of the feedback's time
+    # act_outliers), e.g. ("*[0-9].output.dense*",): the feed-forward outputs, whose 3072-wide inputs (BERT-base size)
+    # cost most of the feedback's time
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",

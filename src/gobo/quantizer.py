@@ -87,6 +87,12 @@ def select(names: Iterable[str], include: Iterable[str] = DEFAULT_INCLUDE, exclu
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
 
 
+def unmatched(patterns: Iterable[str], names: Iterable[str]) -> str | None:
+    """The first of ``patterns`` that matches none of ``names`` (a typo, not a choice), or None."""
+    names = list(names)
+    return next((p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+
+
 #: elements per partial sum of :func:`sqnr_db`
 _CHUNK = 16384
 
@@ -223,9 +229,9 @@ def quantize_state(
             raise ValueError(f"{n} holds NaN or infinite values; the model is damaged")
     if not names:
         raise ValueError("no weights to quantize: the model has no Linear or Embedding weights matching the patterns")
-    for glob, _ in getattr(config, "bits_for", ()):
-        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
-            raise ValueError(f"bits_for pattern {glob!r} matches none of the tensors to quantize")
+    glob = unmatched((g for g, _ in getattr(config, "bits_for", ())), names)
+    if glob is not None:
+        raise ValueError(f"bits_for pattern {glob!r} matches none of the tensors to quantize")
 
     def finish(n: str, w: np.ndarray, qt: QuantizedTensor) -> None:
         quantized[n] = qt
