@@ -23,13 +23,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"])
     ap.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq", "gobo-rows-act", "gobo-rows-act-fb",
-                                                        "gobo-rows-act-fb-mixed", "gobo-rows-act-fb-mixed-fast"],
+                                                        "gobo-rows-act-fb-mixed", "gobo-rows-act-fb-mixed-grouped",
+                                                        "gobo-rows-act-fb-mixed-fast"],
                     help="method names, or gobo-rows-act: per-row codebooks and activation-weighted outliers "
                          "(the timing includes the forward pass over the synthetic sentences it measures), or "
                          "gobo-rows-act-fb: the same with error feedback on those sentences (timed as a whole "
                          "gobo.quantize call, loading the model from disk included), or gobo-rows-act-fb-mixed: "
                          "that with the feed-forward input matrices at 4 bits, in a compact file, or "
-                         "gobo-rows-act-fb-mixed-fast: that with the feed-forward output matrices (3072-wide inputs "
+                         "gobo-rows-act-fb-mixed-grouped: that with inputs wider than 768 features fed back in four "
+                         "groups (feedback_group=768), or gobo-rows-act-fb-mixed-fast: that with the feed-forward output matrices (3072-wide inputs "
                          "in BERT-base-size models) left out of the feedback")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2, help="best of N for each timing")
@@ -58,6 +60,8 @@ def main() -> int:
         if method == "gobo-rows-act-fb-mixed":
             return GoboConfig(bits=3, codebook="row", allocate="uniform", act_outliers=0.006, feedback="synthetic",
                               feedback_texts=64, feedback_damp=1.0, bits_for=(("*intermediate.dense*", 4),), compact=True)
+        if method == "gobo-rows-act-fb-mixed-grouped":
+            return dataclasses.replace(config_of("gobo-rows-act-fb-mixed"), feedback_group=768)
         if method == "gobo-rows-act-fb-mixed-fast":
             return dataclasses.replace(config_of("gobo-rows-act-fb-mixed"), feedback_exclude=("*[0-9].output.dense*",))
         return method_config(method, 3)

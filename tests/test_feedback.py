@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gobo
-from gobo import feedback
+from gobo import feedback, native
 from gobo.config import GoboConfig, config_from_json, config_to_json
 from gobo.io import WEIGHTS_FILE
 from gobo.quantizer import quantize_state
@@ -348,6 +348,15 @@ def test_config_fields_round_trip_and_refuse_bad_values():
     assert "feedback_exclude" not in config_to_json(dataclasses.replace(some, feedback_exclude=()))["data"]
     assert not some.fed_back("encoder.layer.0.output.dense.weight") and some.fed_back("encoder.layer.0.intermediate.dense.weight")
     assert not GoboConfig().fed_back("encoder.layer.0.intermediate.dense.weight")  # no feedback at all
+    # wide inputs fed back in groups: recorded where set, and only with feedback
+    grouped = GoboConfig(allocate="uniform", codebook="row", feedback="synthetic", feedback_group=768)
+    assert config_to_json(grouped)["data"]["feedback_group"] == 768
+    assert config_from_json(json.loads(json.dumps(config_to_json(grouped)))) == grouped
+    assert "feedback_group" not in config_to_json(dataclasses.replace(grouped, feedback_group=0))["data"]
+    for bad in [dict(feedback_group=768), dict(feedback="synthetic", feedback_group=-1),
+                dict(feedback="synthetic", feedback_group=True), dict(feedback="synthetic", feedback_group=76.8)]:
+        with pytest.raises(ValueError, match="feedback_group"):
+            GoboConfig(**bad)
     for bad in [dict(feedback_exclude=("*",)), dict(feedback="synthetic", feedback_exclude="*output*"),
                 dict(feedback="synthetic", feedback_exclude=("",)), dict(feedback="synthetic", feedback_exclude=(3,))]:
         with pytest.raises(ValueError, match="feedback_exclude"):
@@ -389,6 +398,64 @@ def test_feedback_exclude_keeps_nearest_codes_and_skips_full_moments(minilm_fp32
     torch.testing.assert_close(some[k], full[k])
     for n in (q, out):
         torch.testing.assert_close(some[n].to(torch.float32), torch.diag(full[n]), rtol=1e-5, atol=1e-7)
+
+
+def test_grouped_moments_are_blocks_of_the_full_ones_and_each_group_is_fed_back_alone(minilm_fp32, tokenizer, monkeypatch):
+    model, tok = minilm_fp32, tokenizer
+    ids, mask = feedback.calibration_batch(tok, None, 8, seed=0, punctuation=True)
+    q, k, out = ("encoder.layer.1.attention.self.query.weight", "encoder.layer.1.attention.self.key.weight",
+                 "encoder.layer.1.output.dense.weight")
+    full = feedback.input_moments(model, ids, mask, [q, k, out])
+    shared: dict = {}
+    some = feedback.input_moments(model, ids, mask, [q, k, out], group=384, shared=shared)
+    assert shared == {q: q, k: q, out: out}  # 384-wide inputs are not cut; query and key still share theirs
+    torch.testing.assert_close(some[q], full[q])
+    g = some[out]
+    assert isinstance(g, feedback.GroupedMoments) and [len(i) for i in g.index] == [384] * 4 and g.shape == (1536, 1536)
+    d = torch.diagonal(full[out])
+    assert sorted(torch.cat(g.index).tolist()) == list(range(1536))
+    for a, b in zip(g.index, g.index[1:]):  # ranked: every feature of a group louder than those of the next
+        assert float(d[a].min()) >= float(d[b].max())
+    for i, blk in zip(g.index, g.blocks):
+        torch.testing.assert_close(blk, full[out][i[:, None], i[None, :]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.diagonal(), d, rtol=1e-5, atol=1e-7)
+    assert g.mean == pytest.approx(float(d.double().mean()), rel=1e-6)
+    np.testing.assert_allclose(feedback.diagonal(g), feedback.diagonal(full[out]), rtol=1e-5)
+    # fed back group by group: the codes of the full matrix with the terms between groups set to zero
+    state = {out: model.state_dict()[out].numpy()}
+    cfg = GoboConfig(bits=3, codebook="row", allocate="uniform", act_outliers=0.01)
+    qt = quantize_state(state, [out], cfg, input_energy={out: feedback.diagonal(g)}).quantized[out]
+    grouped = feedback.requantize(qt, state[out], g, damp=1.0)
+    dense = feedback.requantize(qt, state[out], g.dense(), damp=1.0)
+    assert np.array_equal(grouped.codes, dense.codes) and np.array_equal(grouped.outlier_index, qt.outlier_index)
+    np.testing.assert_allclose(grouped.outlier_value, dense.outlier_value, rtol=0, atol=1e-6)
+    monkeypatch.setattr(native, "available", lambda: False)
+    ref = feedback.requantize(qt, state[out], g, damp=1.0)  # the torch reference, group by group
+    assert np.array_equal(ref.codes, grouped.codes)
+    np.testing.assert_allclose(ref.outlier_value, grouped.outlier_value, rtol=0, atol=1e-6)
+
+    def error(t):  # output error under the full moments
+        w = torch.from_numpy(state[out].astype(np.float64))
+        e = w - torch.from_numpy(t.dequantize().astype(np.float64)).reshape(w.shape)
+        return float(torch.trace(e @ full[out].double() @ e.T))
+
+    whole = feedback.requantize(qt, state[out], full[out], damp=1.0)
+    assert error(whole) < error(grouped) < error(qt)  # between the full feedback and nearest-centroid codes
+
+
+def test_quantize_with_grouped_feedback(minilm_fp32):
+    x = "encoder.layer.1.output.dense.weight"  # MiniLM's only input wider than 384
+    base = dict(allocate="uniform", codebook="row", feedback="synthetic", feedback_texts=8, act_texts=8, calibration_dtype="float32")
+    for act in (0.0, 0.005):  # moments from apply's own pass, or shared with the outliers' energies
+        full = gobo.quantize("minilm-l6", GoboConfig(**base, act_outliers=act), **SLICE)
+        part = gobo.quantize("minilm-l6", GoboConfig(**base, act_outliers=act, feedback_group=384), **SLICE)
+        wide = gobo.quantize("minilm-l6", GoboConfig(**base, act_outliers=act, feedback_group=1536), **SLICE)
+        for name, q in part.quantized.items():
+            assert np.array_equal(wide.quantized[name].dequantize(), full.quantized[name].dequantize())  # nothing wider
+            if name != x:
+                assert part.stats[name] == full.stats[name] and np.array_equal(q.dequantize(), full.quantized[name].dequantize())
+        assert not np.array_equal(part.quantized[x].codes, full.quantized[x].codes)
+        assert part.config.feedback_group == 384
 
 
 def test_quantize_with_feedback_saves_loads_and_repeats(tmp_path, snippets):
@@ -433,6 +500,8 @@ def test_cli_feedback_flags(tmp_path, capsys):
     assert "calibration_dtype" not in json.loads(capsys.readouterr().out)["config"]["data"]  # float32: as files before it
     assert main([*args[:3], str(tmp_path / "x1"), "--feedback-exclude", "*query*", "--feedback-exclude", "*self.query*", *args[4:]]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["data"]["feedback_exclude"] == ["*query*", "*self.query*"]
+    assert main([*args[:3], str(tmp_path / "g"), "--feedback-group", "128", *args[4:]]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["data"]["feedback_group"] == 128
     (tmp_path / "empty.txt").write_text("\n \n")
     for extra, msg in [(["--calibration-texts", str(texts)], "need --feedback"),
                        (["--feedback", "synthetic", "--calibration-texts", str(texts)], "needs --feedback texts"),
@@ -446,6 +515,8 @@ def test_cli_feedback_flags(tmp_path, capsys):
                        (["--act-outliers", "0.7"], "act_outliers must be a fraction"),
                        (["--feedback-damp", "0.1"], "need --feedback"),
                        (["--feedback-exclude", "*output.dense*"], "need --feedback"),
+                       (["--feedback-group", "768"], "need --feedback"),
+                       (["--feedback", "synthetic", "--feedback-group", "-2"], "feedback_group must be"),
                        (["--feedback", "synthetic", "--feedback-exclude", "*outptu.dense*"], "matches none of the Linear"),
                        (["--calibration-dtype", "bfloat16"], "needs a pass over calibration sentences"),
                        (["--feedback", "synthetic", "--feedback-damp", "-1"], "feedback_damp must be a positive")]:

@@ -95,7 +95,9 @@ def quantize(
     sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
     moments = _shared_moments(config, src, tokenizer, names, calibration_texts, cb) if fed_back and act else None
     if moments is not None:  # the outliers' energies are the diagonal of the feedback's moments
-        energy = {n: (np.diag(h.numpy()) if h.dim() == 2 else h.numpy()).astype(np.float64) for n, h in moments[0].items()}
+        from .feedback import diagonal
+
+        energy = {n: diagonal(h) for n, h in moments[0].items()}
     else:
         energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, unmeasured=refed)
@@ -161,7 +163,8 @@ def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts,
     shared: dict = {}
     step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
     return feedback.input_moments(src, ids, mask, names, diagonal=[n for n in names if not config.fed_back(n)],
-                                  shared=shared, progress=step, dtype=config.calibration_dtype), shared
+                                  shared=shared, progress=step, dtype=config.calibration_dtype,
+                                  group=config.feedback_group), shared
 
 
 def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts,
@@ -175,7 +178,8 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
                                        damp=config.feedback_damp, punctuation=config.synthetic == "punct",
                                        seed=config.synthetic_seed, moments=moments, progress=progress,
                                        dtype=config.calibration_dtype,
-                                       skip={n for n in cm.quantized if not config.fed_back(n)}).items():
+                                       skip={n for n in cm.quantized if not config.fed_back(n)},
+                                       group=config.feedback_group).items():
         cm.quantized[name] = qt
     for name, qt in cm.quantized.items():  # those fed back, and Linears the sentences did not reach
         if name not in cm.stats:

@@ -165,9 +165,10 @@ def _cmd_quantize(args) -> int:
         if not sep or not glob or not b.strip().isdigit():
             raise UserError(f"--bits-for takes GLOB=BITS, e.g. '*intermediate.dense*=4'; got {item!r}")
         bits_for.append((glob, int(b)))
-    if (args.calibration_texts or args.feedback_texts or args.feedback_damp is not None or args.feedback_exclude) \
-            and not args.feedback:
-        raise UserError("--calibration-texts, --feedback-texts, --feedback-damp and --feedback-exclude need --feedback")
+    if (args.calibration_texts or args.feedback_texts or args.feedback_damp is not None or args.feedback_exclude
+            or args.feedback_group is not None) and not args.feedback:
+        raise UserError("--calibration-texts, --feedback-texts, --feedback-damp, --feedback-exclude and --feedback-group "
+                        "need --feedback")
     if args.calibration_texts and args.feedback != "texts":
         raise UserError("--calibration-texts needs --feedback texts")
     if args.calibration_dtype is not None and not (args.feedback or args.act_outliers):
@@ -206,6 +207,8 @@ def _cmd_quantize(args) -> int:
             extra["calibration_dtype"] = args.calibration_dtype
         if args.feedback_exclude:
             extra["feedback_exclude"] = tuple(args.feedback_exclude)
+        if args.feedback_group is not None:
+            extra["feedback_group"] = args.feedback_group
         if args.compact:
             extra["compact"] = True
         if bits_for:
@@ -437,6 +440,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--feedback-damp", type=float, metavar="F", help="with --feedback: damping added to the diagonal of the inputs' second moments, as a fraction of its mean (default 0.1)")
     q.add_argument("--calibration-dtype", choices=["auto", "float32", "bfloat16"], help="with --feedback or --act-outliers: precision of the pass over the calibration sentences (default auto: bfloat16 where the processor multiplies it natively, about twice as fast; the file records the one used)")
     q.add_argument("--feedback-exclude", action="append", metavar="GLOB", help="with --feedback: Linear weights whose names match GLOB keep their nearest-centroid codes (repeatable), e.g. '*[0-9].output.dense*': the feed-forward outputs (not BERT's attention.output.dense), whose 3072-wide inputs in BERT-base-size models take most of the feedback's time")
+    q.add_argument("--feedback-group", type=int, metavar="N", help="with --feedback: feed back inputs wider than N features in groups of about N, ranked by their mean square, each under its own block of the moments (768: a BERT-base feed-forward output's 3072-wide input in four groups, a quarter of its products and a sixteenth of its factorisation; 0: no groups)")
     q.add_argument("--compact", action="store_true", help="gobo: store centroids as float16 (rounded before coding) and outlier positions row by row as uint16 columns: fewer bytes, a format version 2 file")
     q.add_argument("--bits-for", action="append", metavar="GLOB=BITS", help="gobo: give tensors whose names match GLOB these bits, every other tensor --bits (repeatable, first match wins), e.g. '*intermediate.dense*=4'")
     q.add_argument("--include", action="append", metavar="GLOB", help="quantize only weights whose names match (repeatable; default all Linear/Embedding weights)")

@@ -71,6 +71,9 @@ class GoboConfig:
     # their nearest-centroid codes, and their inputs' full moments are never formed (only their diagonal, for
     # act_outliers), e.g. ("*[0-9].output.dense*",): the feed-forward outputs, whose 3072-wide inputs (BERT-base size)
     # cost most of the feedback's time
+    feedback_group: int = 0  # feedback: inputs wider than this many features (0: none) are fed back in groups of
+    # about this many, ranked by E[x_j^2], each under its own block of the moments (gobo.feedback.GroupedMoments):
+    # 768 cuts a BERT-base feed-forward output's 3072-wide input into four, a quarter of its products
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
@@ -78,7 +81,7 @@ class GoboConfig:
                                                      "act_outliers": 0.0, "act_texts": 64,
                                                      "synthetic": "words", "feedback_damp": 0.01, "synthetic_seed": 0,
                                                      "compact": False, "bits_for": (), "calibration_dtype": "float32",
-                                                     "feedback_exclude": ()}
+                                                     "feedback_exclude": (), "feedback_group": 0}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -138,6 +141,10 @@ class GoboConfig:
         object.__setattr__(self, "feedback_exclude", _globs("feedback_exclude", self.feedback_exclude))
         if self.feedback_exclude and not self.feedback:
             raise ValueError("feedback_exclude names Linears to leave out of error feedback, which needs feedback")
+        if isinstance(self.feedback_group, bool) or not isinstance(self.feedback_group, int) or self.feedback_group < 0:
+            raise ValueError(f"feedback_group must be a non-negative integer (0: no groups), got {self.feedback_group!r}")
+        if self.feedback_group and not self.feedback:
+            raise ValueError("feedback_group sets how error feedback groups wide inputs, which needs feedback")
         if self.bits_for and self.allocate != "uniform":
             raise ValueError("bits_for sets bits by name, which needs allocate='uniform' (a mixed allocation chooses them itself)")
         if self.layer_omega and self.allocate != "hessian":

@@ -90,7 +90,8 @@ def summarize(cm: CompressedModel, file_path: str | Path | None = None) -> Model
             method = "gobo-paper"
         else:
             method = "gobo" + ("+rows" if c.codebook == "row" else "") + ("+feedback" if c.feedback else "") \
-                + ("-exclude" if c.feedback_exclude else "") + ("+bits-for" if c.bits_for else "") \
+                + ("-exclude" if c.feedback_exclude else "") + ("-grouped" if c.feedback_group else "") \
+                + ("+bits-for" if c.bits_for else "") \
                 + ("+compact" if c.compact else "")
     return ModelSummary(
         method=method,
