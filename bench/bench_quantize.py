@@ -30,8 +30,9 @@ def main() -> int:
                          "gobo-rows-act-fb: the same with error feedback on those sentences (timed as a whole "
                          "gobo.quantize call, loading the model from disk included), or gobo-rows-act-fb-mixed: "
                          "that with the feed-forward input matrices at 4 bits, in a compact file, or "
-                         "gobo-rows-act-fb-mixed-grouped: that with inputs wider than 768 features fed back in four "
-                         "groups (feedback_group=768), or gobo-rows-act-fb-mixed-fast: that with the feed-forward output matrices (3072-wide inputs "
+                         "gobo-rows-act-fb-mixed-grouped: that with inputs wider than 768 features fed back in groups "
+                         "of 768 (feedback_group=768: four on BERT-base-size models, two on MiniLM), or "
+                         "gobo-rows-act-fb-mixed-fast: that with the feed-forward output matrices (3072-wide inputs "
                          "in BERT-base-size models) left out of the feedback")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2, help="best of N for each timing")
