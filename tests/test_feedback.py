@@ -15,8 +15,9 @@ from gobo import feedback, native
 from gobo.config import GoboConfig, config_from_json, config_to_json
 from gobo.io import WEIGHTS_FILE
 from gobo.quantizer import quantize_state
-from gobo.methods.gobo import (Prepared, act_outlier_mask, assign, assign_rows, cluster_rows, cluster_rows_reference, cluster_sorted,
-                               gaussian_outlier_mask)
+from gobo.methods.gobo import (Prepared, _kth_largest, _sorted_inliers, act_outlier_mask, act_scores, act_scores_reference, assign,
+                               assign_rows, cluster_rows, cluster_rows_reference, cluster_sorted, drop_sorted, gaussian_outlier_mask)
+from gobo.quantizer import TensorStats
 
 LAYER = "encoder.layer.1.intermediate.dense.weight"
 
@@ -278,6 +279,90 @@ def test_act_outliers_keep_the_weights_whose_error_reaches_the_output_most(minil
     assert err[1] < 0.5 * err[0]
     with pytest.raises(ValueError, match="does not fit"):
         act_outlier_mask(w, base, energy[:-1], cfg)
+
+
+@pytest.mark.parametrize("n,k", [(2_359_296, 14_156), (589_824, 3_539), (100_000, 6_000), (100, 3), (5_000, 1), (2_000, 1_999)])
+def test_kth_largest_is_what_a_full_partition_gives(n, k):
+    rng = np.random.default_rng(n + k)
+    for a in (rng.random(n) ** 4, rng.integers(0, 5, n).astype(np.float64), np.sort(rng.random(n)),
+              np.where(rng.random(n) < 0.99, -1.0, rng.random(n))):  # mostly masked scores, as outliers leave them
+        assert _kth_largest(a, k) == np.partition(a, n - k)[n - k]
+
+
+@pytest.mark.parametrize("k", [2, 8, 16, 32])
+def test_compiled_act_scores_give_the_reference_bits(minilm_state, k):
+    w = minilm_state[LAYER][:96].copy()
+    w[3] = w[3, 0]  # a constant row
+    mask = gaussian_outlier_mask(w.reshape(-1), -4.0).reshape(w.shape)
+    energy = np.random.default_rng(k).random(w.shape[1]) + 0.01
+    c = cluster_rows(w, mask, k)
+    got = act_scores(w, c, energy, mask)
+    assert np.array_equal(got, act_scores_reference(w, c, energy, mask))
+    assert (got[mask] == -1.0).all() and (got[~mask] >= 0).all()
+
+
+def test_dropping_values_from_sorted_rows_is_sorting_them_again(minilm_state):
+    w = minilm_state[LAYER][:64].copy()
+    w[:, :100] = np.round(w[:, :100] * 50) / 50  # ties, and zeros of both signs
+    w[0, :6] = [0.0, -0.0, 0.0, -0.0, -0.0, 0.0]
+    rng = np.random.default_rng(0)
+    mask = gaussian_outlier_mask(w.reshape(-1), -4.0).reshape(w.shape)
+    drop = (rng.random(w.shape) < 0.02) & ~mask
+    drop[0, :6], mask[0, :6] = [True, True, False, False, True, False], False
+    drop[1] = ~mask[1]  # every inlier of a row goes
+    x, n = _sorted_inliers(w, mask)
+    got = drop_sorted(x, n, w, mask, drop)
+    want = _sorted_inliers(w, mask | drop)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    for k in (2, 8, 16):
+        assert np.array_equal(cluster_rows(w, mask | drop, k, sorted_rows=got), cluster_rows(w, mask | drop, k))
+    x, n = _sorted_inliers(w, mask)
+    with pytest.raises(ValueError, match="not among"):
+        drop_sorted(x, n, w + 1.0, mask, drop)  # values that are not in the rows
+
+
+def test_act_outliers_of_per_row_codebooks_reuse_the_sorted_rows(minilm_state):
+    w = minilm_state[LAYER]
+    cfg = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.006)
+    energy = np.random.default_rng(1).random(w.shape[1]) ** 4
+    base = gaussian_outlier_mask(w.reshape(-1), -4.0).reshape(w.shape)
+    mask = act_outlier_mask(w, base, energy, cfg)
+    assert np.array_equal(mask, act_outlier_mask(w, base, energy, cfg, sorted_rows=_sorted_inliers(w, base)))
+    prep = Prepared(w, cfg, energy, 3)  # sorts once: the final rows are those rows less the new outliers
+    assert np.array_equal(prep.mask, mask)
+    assert np.array_equal(prep.build(3).codebook, cluster_rows(w, mask, 8).astype(np.float32))
+
+
+def test_recoded_tensors_get_their_codebooks_and_outliers_but_no_codes(minilm_state):
+    cfg = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.006)
+    names = [LAYER, "encoder.layer.1.output.dense.weight"]
+    energy = {n: np.random.default_rng(2).random(minilm_state[n].shape[1]) for n in names}
+    full = quantize_state(minilm_state, names, cfg, input_energy=energy)
+    part = quantize_state(minilm_state, names, cfg, input_energy=energy, recoded={LAYER})
+    a, b = full.quantized[LAYER], part.quantized[LAYER]
+    assert not b.codes.any() and a.codes.any()
+    assert np.array_equal(a.codebook, b.codebook) and np.array_equal(a.outlier_index, b.outlier_index)
+    assert np.array_equal(a.outlier_value, b.outlier_value)
+    assert LAYER not in part.stats and part.stats[names[1]] == full.stats[names[1]]
+    assert np.array_equal(part.quantized[names[1]].codes, full.quantized[names[1]].codes)
+
+
+def test_feedback_with_act_outliers_leaves_the_pooler_its_codes_and_measures_what_it_keeps():
+    """The Linears the pass reaches are fed back without first being coded; the pooler, which
+    it does not reach, keeps nearest-centroid codes; every tensor's stats are its final ones."""
+    cfg = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.006, act_texts=8, feedback="synthetic",
+                     feedback_texts=8)
+    cm = gobo.quantize("minilm-l6", cfg)
+    from gobo.assets import resolve_model
+    from gobo.hf import load_source, state_numpy
+
+    src = state_numpy(load_source(resolve_model("minilm-l6")))
+    pooler = cm.quantized["pooler.dense.weight"]
+    plain = Prepared(src["pooler.dense.weight"], cfg, None, 3).build(3)  # no energy: the pass does not reach it
+    assert pooler.codes.any() and np.array_equal(pooler.codes, plain.codes)
+    for name, qt in cm.quantized.items():
+        assert cm.stats[name] == TensorStats.measure(np.asarray(src[name], np.float32), qt), name
+    assert set(cm.stats) == set(cm.quantized)
 
 
 def test_quantize_with_act_outliers_measures_synthetic_inputs():

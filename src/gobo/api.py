@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -53,6 +54,10 @@ def quantize(
     if config is None:
         config = method_config(method, bits)
     model_dir = resolve_model(model)
+    # the source's hash is read in the background (hashlib lets other threads run meanwhile)
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gobo-hash")
+    digest = hasher.submit(weights_sha256, Path(model_dir))
+    hasher.shutdown(wait=False)
     src = load_source(model_dir)
     if isinstance(config, QBertConfig) or (isinstance(config, GoboConfig) and config.allocate == "hessian"):
         # Q-BERT: head size from the model, mixed precision's Hessian-ranked plan; GOBO: the layers' Omega
@@ -74,7 +79,7 @@ def quantize(
         from .feedback import fast_dtype
 
         config = dataclasses.replace(config, calibration_dtype=fast_dtype())
-    refed: set[str] = set()  # Linears that feedback re-codes: measured once, after it
+    refed: set[str] = set()  # Linears that feedback re-codes
     if fed_back:
         from .feedback import linear_weights
         from .quantizer import unmatched
@@ -100,7 +105,10 @@ def quantize(
         energy = {n: diagonal(h) for n, h in moments[0].items()}
     else:
         energy = _input_energy(config, src, tokenizer, names, calibration_texts) if act else None
-    cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, unmeasured=refed)
+    # codes that feedback will choose again are not chosen first where the pass has shown which
+    # Linears it reaches (a pooler's 2-D input is not fed back and keeps its codes)
+    recoded = {n for n in refed if n in moments[0]} if moments is not None else set()
+    cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, recoded=recoded)
     if fed_back:
         cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb)
     if calibrated and config.correct_bias:
@@ -109,7 +117,7 @@ def quantize(
     cm.source = {
         "name": str(model),
         "model_type": getattr(src.config, "model_type", "unknown"),
-        "weights_sha256": weights_sha256(Path(model_dir)),
+        "weights_sha256": digest.result(),
         "dir": str(Path(model_dir).resolve()),
     }
     return cm
@@ -181,7 +189,8 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
                                        skip={n for n in cm.quantized if not config.fed_back(n)},
                                        group=config.feedback_group).items():
         cm.quantized[name] = qt
-    for name, qt in cm.quantized.items():  # those fed back, and Linears the sentences did not reach
+        cm.stats.pop(name, None)  # measured again, as fed back
+    for name, qt in cm.quantized.items():
         if name not in cm.stats:
             cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
     cm.config = config

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["assign_rows", "available", "cluster_rows", "feedback_block", "kmeans1d_exact", "lib", "pack_codes", "unpack_codes"]
+__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "cluster_rows", "feedback_block", "kmeans1d_exact", "lib", "pack_codes", "unpack_codes"]
 
 
 @lru_cache(maxsize=1)
@@ -32,6 +32,10 @@ def lib() -> ctypes.CDLL:
     so.gobo_cluster_rows.argtypes = [ptr, ptr, i64, i64, i32, i32, ptr]
     so.gobo_assign_rows.restype = None
     so.gobo_assign_rows.argtypes = [ptr, ptr, i64, i64, i32, ptr]
+    so.gobo_drop_sorted.restype = ctypes.c_int
+    so.gobo_drop_sorted.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
+    so.gobo_act_scores.restype = None
+    so.gobo_act_scores.argtypes = [ptr, ptr, i64, i64, i32, ptr, ptr, ptr]
     so.gobo_feedback_block.restype = None
     so.gobo_feedback_block.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64]
     return so
@@ -95,6 +99,34 @@ def assign_rows(z: np.ndarray, c: np.ndarray) -> np.ndarray:
         raise ValueError(f"row assignment rejected its arguments (codebooks {c.shape} for {z.shape})")
     out = np.empty((rows, cols), dtype=np.uint8)
     lib().gobo_assign_rows(z.ctypes.data, c.ctypes.data, rows, cols, k, out.ctypes.data)
+    return out
+
+
+def drop_sorted(x: np.ndarray, n: np.ndarray, vals: np.ndarray, counts: np.ndarray) -> None:
+    """Native core of :func:`gobo.methods.gobo.drop_sorted`, in place: ``x`` float32 and ``n``
+    int64 (C-contiguous, as :func:`cluster_rows` takes them), ``vals`` float32 and ``counts``
+    int64 (one per row)."""
+    rows, cols = x.shape
+    if not (x.dtype == np.float32 and n.dtype == np.int64 and x.flags.c_contiguous and n.shape == (rows,)
+            and counts.shape == (rows,) and vals.dtype == np.float32 and int(counts.sum()) == vals.size):
+        raise ValueError(f"drop_sorted rejected its arguments (rows {x.shape}, {vals.size} values)")
+    vals = np.ascontiguousarray(vals)
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    if lib().gobo_drop_sorted(x.ctypes.data, n.ctypes.data, rows, cols, vals.ctypes.data, counts.ctypes.data) != 0:
+        raise ValueError("a value to drop is not among its row's sorted values")
+
+
+def act_scores(z: np.ndarray, c: np.ndarray, energy: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Native core of :func:`gobo.methods.gobo.act_scores`: ``z`` float32 (rows x cols), ``c``
+    float64 (rows x k, ascending), ``energy`` float64 (cols,), ``mask`` bool (rows x cols), all
+    C-contiguous. Returns float64 scores of ``z``'s shape."""
+    rows, cols = z.shape
+    k = c.shape[1]
+    if c.shape[0] != rows or not 1 <= k <= 256 or energy.shape != (cols,) or mask.shape != z.shape:
+        raise ValueError(f"act_scores rejected its arguments (codebooks {c.shape}, energy {energy.shape} for {z.shape})")
+    out = np.empty((rows, cols), dtype=np.float64)
+    lib().gobo_act_scores(z.ctypes.data, c.ctypes.data, rows, cols, k, energy.ctypes.data, mask.view(np.uint8).ctypes.data,
+                          out.ctypes.data)
     return out
 
 

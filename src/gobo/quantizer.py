@@ -201,7 +201,7 @@ def quantize_state(
     progress: Callable[[str], None] | None = None,
     sensitivity: Callable[[str, np.ndarray], float] | None = None,
     input_energy: Mapping[str, np.ndarray] | None = None,
-    unmeasured: Collection[str] = (),
+    recoded: Collection[str] = (),
 ) -> CompressedModel:
     """Quantize ``state[name]`` for each of ``names``; every other tensor is kept as it is.
 
@@ -214,8 +214,10 @@ def quantize_state(
     ``input_energy[name]`` (needed by ``act_outliers``): the mean square of each input
     feature of the Linear whose weight is ``name``; tensors without one (embeddings) keep
     only their Gaussian outliers.
-    Tensors named in ``unmeasured`` get no :class:`TensorStats` (the caller replaces them
-    and measures the replacements).
+    Tensors named in ``recoded`` are those whose codes the caller chooses again (error
+    feedback, :func:`gobo.feedback.apply`): they get their codebooks and outliers, but
+    their codes are left zero and they get no :class:`TensorStats` (the caller measures
+    the replacements).
     """
     names = list(names)
     missing = [n for n in names if n not in state]
@@ -235,7 +237,7 @@ def quantize_state(
 
     def finish(n: str, w: np.ndarray, qt: QuantizedTensor) -> None:
         quantized[n] = qt
-        if n not in unmeasured:
+        if n not in recoded:
             stats[n] = TensorStats.measure(w, qt)
 
     quantized: dict[str, QuantizedTensor] = {}
@@ -248,12 +250,14 @@ def quantize_state(
             if config.act_outliers and input_energy is None:
                 raise ValueError("act_outliers needs the input energy of every Linear; use gobo.quantize")
             energy = input_energy if config.act_outliers else {}
-            uniform = config.allocate == "uniform"  # each tensor's width known now: its outliers are chosen at it
-            preps = dict(zip(names, pool.map(
-                lambda n: gobo_method.Prepared(arrays[n], config, energy.get(n), config.bits_of(n) if uniform else None), names)))
             if config.allocate == "sensitivity" and sensitivity is None:
                 raise ValueError("allocate='sensitivity' needs the model to measure output sensitivity; use gobo.quantize")
-            if config.allocate in ("size", "sensitivity", "hessian"):
+            if config.allocate == "uniform":  # each tensor's width is known now: its outliers are chosen at it, and it
+                # is built at once (what its preparation holds is freed tensor by tensor)
+                built = pool.map(lambda n: gobo_method.Prepared(arrays[n], config, energy.get(n), config.bits_of(n)).build(
+                    config.bits_of(n), codes=n not in recoded), names)
+            else:  # a mixed allocation: every tensor's error curve first
+                preps = dict(zip(names, pool.map(lambda n: gobo_method.Prepared(arrays[n], config, energy.get(n)), names)))
                 rng = range(config.min_bits, config.max_bits + 1)
 
                 def curve(n: str) -> dict[int, float]:
@@ -272,9 +276,7 @@ def quantize_state(
                     curves = {n: _weigh(curves[n], gains[n]) for n in names}
                 # all-in budget: everything stored for these tensors fits in `bits` per weight
                 bits_of = allocate_bits(curves, sizes, (config.average or config.bits) * sum(sizes.values()) / 8.0, fixed, exponent)
-            else:
-                bits_of = {n: config.bits_of(n) for n in names}
-            built = pool.map(lambda n: preps[n].build(bits_of[n]), names)
+                built = pool.map(lambda n: preps[n].build(bits_of[n], codes=n not in recoded), names)
         elif isinstance(config, DirectQConfig):
             built = pool.map(lambda n: uniform_method.fit(arrays[n], config.bits, config.granularity), names)
         elif isinstance(config, QBertConfig):

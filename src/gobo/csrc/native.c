@@ -253,6 +253,67 @@ GOBO_API void gobo_assign_rows(const float *z, const double *c, int64_t rows, in
     }
 }
 
+/* drop_sorted: take values out of sorted rows. Row r of x (rows x cols) holds n[r] values
+ * ascending, then +inf; counts[r] values of vals (row after row, each row's ascending) are
+ * removed from it, each one where an equal value is (zeros of either sign alike: the sort
+ * that made x does not keep their signs either). The rest move up in order, +inf fills the
+ * end, n[r] shrinks. Returns 1 if a value is not in its row (x is then left part done),
+ * else 0. */
+GOBO_API int gobo_drop_sorted(float *x, int64_t *n, int64_t rows, int64_t cols, const float *vals,
+                              const int64_t *counts) {
+    const float *v = vals;
+    for (int64_t r = 0; r < rows; ++r) {
+        float *xr = x + r * cols;
+        const int64_t nr = n[r], m = counts[r];
+        int64_t i = 0, w = 0;
+        for (int64_t j = 0; j < m; ++j) { /* keep what is below v[j], drop one equal to it */
+            while (i < nr && xr[i] < v[j]) xr[w++] = xr[i++];
+            if (i >= nr || xr[i] != v[j]) return 1;
+            ++i;
+        }
+        if (m > 0) {
+            while (i < nr) xr[w++] = xr[i++];
+            for (int64_t t = w; t < nr; ++t) xr[t] = INFINITY;
+            n[r] = w;
+        }
+        v += m;
+    }
+    return 0;
+}
+
+/* act_scores: the error of each weight coded to its row's nearest centroid (as
+ * gobo_assign_rows picks it; the centroid rounded to float32, the difference taken in
+ * float32), squared in double and times its column's energy e[i]; -1 where mask[r, i] is
+ * set. What activation-weighted outliers are ranked by. */
+GOBO_API void gobo_act_scores(const float *z, const double *c, int64_t rows, int64_t cols, int32_t k,
+                              const double *e, const uint8_t *mask, double *score) {
+    double mids[256];
+    for (int64_t r = 0; r < rows; ++r) {
+        const double *cr = c + r * k;
+        for (int32_t j = 0; j + 1 < k; ++j) mids[j] = (cr[j] + cr[j + 1]) * 0.5;
+        const float *zr = z + r * cols;
+        const uint8_t *mr = mask + r * cols;
+        double *o = score + r * cols;
+        for (int64_t i = 0; i < cols; ++i) {
+            const double v = (double)zr[i];
+            int32_t q;
+            if (k <= 16) {
+                q = 0;
+                for (int32_t j = 0; j + 1 < k; ++j) q += mids[j] < v;
+            } else {
+                int32_t lo = 0, hi = k - 1;
+                while (lo < hi) {
+                    int32_t m = (lo + hi) / 2;
+                    if (mids[m] < v) lo = m + 1; else hi = m;
+                }
+                q = lo;
+            }
+            const double d = (double)(zr[i] - (float)cr[q]);
+            o[i] = mr[i] ? -1.0 : (d * d) * e[i];
+        }
+    }
+}
+
 /* feedback_block: one block of error feedback with a codebook per row, in the LDL form of
  * GPTQ's update (Frantar et al. 2023; "LDLQ", Chee et al. 2023): with the damped input
  * moments written H = T D T^T, T unit upper triangular, column i is coded from its

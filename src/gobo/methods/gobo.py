@@ -206,8 +206,15 @@ class Prepared:
         mask = gaussian_outlier_mask(w2.reshape(-1), config.outlier_threshold).reshape(w2.shape)
         if mask.all():  # degenerate: keep something to cluster
             mask[:] = False
+        self._rows_sorted = None  # per-row codebooks: each row's inliers sorted, made on the way (build uses them)
         if input_energy is not None and config.act_outliers > 0:
-            mask = act_outlier_mask(w2, mask, input_energy, config, bits)
+            if config.codebook == "row":  # sorted once: the inliers' rows lose only the new outliers
+                sorted_rows = _sorted_inliers(w2, mask)
+                new = act_outlier_mask(w2, mask, input_energy, config, bits, sorted_rows)
+                self._rows_sorted = drop_sorted(*sorted_rows, w2, mask, new & ~mask)
+                mask = new
+            else:
+                mask = act_outlier_mask(w2, mask, input_energy, config, bits)
         self.mask = mask
         self.row_scale = self.row_offset = None
         if config.normalize_rows:
@@ -278,19 +285,27 @@ class Prepared:
         """Drop the sorted copy (memory) once every centroid set needed is computed."""
         self.x = self.p = self._q = None
 
-    def build(self, bits: int) -> "QuantizedTensor":
+    def build(self, bits: int, codes: bool = True) -> "QuantizedTensor":
+        """The tensor at ``bits``; with ``codes=False`` its codes are left zero (for a
+        caller that chooses them again, as error feedback does)."""
         from ..qtensor import QuantizedTensor
 
         compact = self.config.compact
         if self.config.codebook == "row":  # one codebook per row
             k = 1 << bits
-            cent2 = _stored(cluster_rows(self.z, self.mask, k, self.config.max_iter).astype(np.float32), compact)
-            codes = assign_rows(self.z, cent2.astype(np.float64)).reshape(-1)
+            cent2 = cluster_rows(self.z, self.mask, k, self.config.max_iter, self._rows_sorted)
+            self._rows_sorted = None
+            cent2 = _stored(cent2.astype(np.float32), compact)
             group_rows = 1
         else:
             cent2 = _stored(self.centroids(bits)[None, :], compact)
-            codes = assign(self.z.reshape(-1), cent2[0])
             group_rows = self.rows
+        if not codes:
+            codes = np.zeros(self.w32.size, dtype=np.uint8)
+        elif group_rows == 1:
+            codes = assign_rows(self.z, cent2.astype(np.float64)).reshape(-1)
+        else:
+            codes = assign(self.z.reshape(-1), cent2[0])
         out_idx = np.flatnonzero(self.mask.reshape(-1)).astype(np.int64)
         out_val = self.w32.reshape(-1)[out_idx].copy()
         codes[out_idx] = 0  # unused under an outlier; zero keeps files canonical
@@ -320,33 +335,48 @@ def _stored(c: np.ndarray, compact: bool) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def act_outlier_mask(w2: np.ndarray, mask: np.ndarray, energy: np.ndarray, config, bits: int | None = None) -> np.ndarray:
+def act_outlier_mask(w2: np.ndarray, mask: np.ndarray, energy: np.ndarray, config, bits: int | None = None,
+                     sorted_rows: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``mask`` plus the ``config.act_outliers`` fraction of ``w2``'s weights (rows x cols)
     whose error, quantized at ``bits`` (``config.bits`` when None) with ``mask`` as outliers, weighs most once
     multiplied by its input's mean square ``energy[col]``: the weights whose error reaches
-    the layer's output most. Ties go to the earlier position."""
+    the layer's output most. Ties go to the earlier position. ``sorted_rows``: per-row
+    codebooks' sorted inliers under ``mask`` (:func:`cluster_rows`), when already made."""
     energy = np.asarray(energy, dtype=np.float64).reshape(-1)
     if w2.ndim != 2 or energy.shape != (w2.shape[1],):
         raise ValueError(f"input energy of {energy.size} features does not fit a weight of shape {w2.shape}")
     k = 1 << (config.bits if bits is None else bits)
     if config.codebook == "row":
-        c = cluster_rows(w2, mask, k, config.max_iter)
-        deq = np.take_along_axis(c.astype(np.float32), assign_rows(w2, c).astype(np.intp), 1)
+        score = act_scores(w2, cluster_rows(w2, mask, k, config.max_iter, sorted_rows), energy, mask).reshape(-1)
     else:
         c = cluster_sorted(np.sort(w2[~mask]), k, config.clustering, config.max_iter).astype(np.float32)
-        deq = c[assign(w2, c)]
-    score = (np.square((w2 - deq).astype(np.float64)) * energy[None, :]).reshape(-1)
-    score[mask.reshape(-1)] = -1.0
+        score = (np.square((w2 - c[assign(w2, c)]).astype(np.float64)) * energy[None, :]).reshape(-1)
+        score[mask.reshape(-1)] = -1.0
     extra = min(int(round(config.act_outliers * w2.size)), int((~mask).sum()) - 1)
     out = mask.copy()
     if extra > 0:
-        kth = score.size - extra
-        thr = np.partition(score, kth)[kth]  # the extra-th largest score
+        thr = _kth_largest(score, extra)
         take = score > thr
         ties = np.flatnonzero(score == thr)[: extra - int(take.sum())]
         take[ties] = True
         out.reshape(-1)[take] = True
     return out
+
+
+def _kth_largest(a: np.ndarray, k: int) -> float:
+    """The ``k``-th largest value of ``a`` (1-D, no NaN). Exact: the candidates are the
+    values at or above a bound read from every 16th value (which leaves at least ``k`` of
+    them almost always; otherwise the whole array is searched), so the selection runs on a
+    few times ``k`` values rather than all of them."""
+    step = 16
+    if a.size >= 64 * step and k * step * 4 <= a.size:
+        sample = a[::step]
+        j = sample.size - min(sample.size, 2 * (-(-k // step)) + 8)  # about twice the share of k the sample holds
+        bound = np.partition(sample, j)[j]
+        cand = a[a >= bound]
+        if cand.size >= k:  # every value left out is below every candidate
+            return float(np.partition(cand, cand.size - k)[cand.size - k])
+    return float(np.partition(a, a.size - k)[a.size - k])
 
 
 def fit(weight: np.ndarray, bits: int, config) -> "QuantizedTensor":
@@ -362,7 +392,8 @@ def fit(weight: np.ndarray, bits: int, config) -> "QuantizedTensor":
 # ---------------------------------------------------------------------------- one codebook per row
 
 
-def cluster_rows(z: np.ndarray, mask: np.ndarray, k: int, max_iter: int = 200) -> np.ndarray:
+def cluster_rows(z: np.ndarray, mask: np.ndarray, k: int, max_iter: int = 200,
+                 sorted_rows: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """One codebook per row: ``(rows, k)`` ascending float64 centroids of each row's inliers
     (``~mask``), from equal-population bins refined by Lloyd to a fixed point.
 
@@ -370,9 +401,10 @@ def cluster_rows(z: np.ndarray, mask: np.ndarray, k: int, max_iter: int = 200) -
     binary search per cluster boundary and per-row prefix sums give the cluster means
     (compiled; :func:`cluster_rows_reference` is the same algorithm in numpy, one row at a
     time, and gives the same bits). A row with fewer than ``k`` inliers repeats its last
-    value; a row with none gets zeros.
+    value; a row with none gets zeros. ``sorted_rows``: ``_sorted_inliers(z, mask)`` when the
+    caller has it (:func:`drop_sorted` makes it from a smaller mask's).
     """
-    x, n = _sorted_inliers(z, mask)
+    x, n = _sorted_inliers(z, mask) if sorted_rows is None else sorted_rows
     if native.available():
         return native.cluster_rows(x, n, k, max_iter)
     return _cluster_rows_numpy(x, n, k, max_iter)
@@ -391,6 +423,21 @@ def _sorted_inliers(z: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
     n = (~mask).sum(axis=1).astype(np.int64)
     x = np.where(mask, np.float32(np.inf), z)
     x.sort(axis=1)  # inliers first, ascending; outlier placeholders (inf) after them
+    return x, n
+
+
+def drop_sorted(x: np.ndarray, n: np.ndarray, z: np.ndarray, mask: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_sorted_inliers(z, mask | drop)`` from ``(x, n) = _sorted_inliers(z, mask)`` (``drop``
+    outside ``mask``): the compiled routine takes the values at ``drop`` out of each sorted
+    row, in place, instead of sorting the rows again: the same values in the same order (zeros
+    matched by value: numpy's sort does not keep their signs either, and no sum or
+    comparison of the clustering tells them apart)."""
+    if not native.available():
+        return _sorted_inliers(z, mask | drop)
+    rr, cc = np.nonzero(drop)
+    vals = np.asarray(z[rr, cc], dtype=np.float32)
+    order = np.lexsort((vals, rr))  # row after row, each row's ascending
+    native.drop_sorted(x, n, vals[order], np.bincount(rr, minlength=x.shape[0]).astype(np.int64))
     return x, n
 
 
@@ -419,6 +466,27 @@ def _cluster_rows_numpy(x: np.ndarray, n: np.ndarray, k: int, max_iter: int) -> 
             c = nc
         out[r] = c
     return out
+
+
+def act_scores(w2: np.ndarray, c: np.ndarray, energy: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each weight's squared error coded to its row's nearest centroid (``c``: ``(rows, k)``
+    ascending float64, rounded to float32 to decode; the difference in float32) times its
+    input's energy ``energy[col]`` (float64), -1 at ``mask``: float64 of ``w2``'s shape."""
+    w2 = np.ascontiguousarray(w2, dtype=np.float32)
+    c = np.ascontiguousarray(c, dtype=np.float64)
+    energy = np.ascontiguousarray(energy, dtype=np.float64)
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if native.available():
+        return native.act_scores(w2, c, energy, mask)
+    return act_scores_reference(w2, c, energy, mask)
+
+
+def act_scores_reference(w2: np.ndarray, c: np.ndarray, energy: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """:func:`act_scores` in numpy (for tests and machines without the compiled routines)."""
+    deq = np.take_along_axis(np.asarray(c, np.float64).astype(np.float32), assign_rows(w2, c).astype(np.intp), 1)
+    score = np.square((w2 - deq).astype(np.float64)) * np.asarray(energy, np.float64)[None, :]
+    score[mask] = -1.0
+    return score
 
 
 def assign_rows(z: np.ndarray, c: np.ndarray) -> np.ndarray:
