@@ -488,24 +488,42 @@ def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: 
     values = torch.empty((rows, cols), dtype=torch.float64)
     err = torch.empty((rows, cols), dtype=torch.float32)
     t = max(1, min(threads or torch.get_num_threads(), rows))
-    cuts = [rows * i // t for i in range(t + 1)]
-    pool = _pool(t)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W = _fed_block(W0, err, Tt32, i1, i2)
-        # the block's factor in float64, as moments_factor computes it
-        Tb = (F[i1:i2, i1:i2].to(torch.float64) / diag[i1:i2, None]).mT.contiguous()
+    n = 1 if t == 1 else min(4 * t, max(t, rows // 64))  # shares of the rows, taken by the threads as they come free
+    cuts = [rows * i // n for i in range(n + 1)]
+    # each block's factor in float64, as moments_factor computes it
+    starts = range(0, cols, block)
+    Tbs = [(F[i1 : i1 + block, i1 : i1 + block].to(torch.float64) / diag[i1 : i1 + block, None]).mT.contiguous()
+           for i1 in starts]
 
-        def part(j, i1=i1, i2=i2, Tb=Tb, W=W):
-            a, b = cuts[j], cuts[j + 1]
-            native.feedback_block(W[a:b], W0[a:b, i1:i2], Tb, cb[a:b], M[a:b, i1:i2],
-                                  codes[a:b, i1:i2], values[a:b, i1:i2])
+    def share(a, b):  # rows a:b through every block: rows are fed back independently
+        for i1, Tb in zip(starts, Tbs):
+            i2 = min(i1 + block, cols)
+            W = _fed_block(W0[a:b], err[a:b], Tt32, i1, i2)
+            native.feedback_block(W, W0[a:b, i1:i2], Tb, cb[a:b], M[a:b, i1:i2], codes[a:b, i1:i2], values[a:b, i1:i2])
+            torch.sub(W0[a:b, i1:i2], values[a:b, i1:i2], out=W)
+            err[a:b, i1:i2] = W
 
-        rest = [pool.submit(part, j) for j in range(1, t)]
-        part(0)  # the first share in this thread
-        for f in rest:
-            f.result()
-        err[:, i1:i2] = W0[:, i1:i2] - values[:, i1:i2]
+    # Each thread takes shares of the rows through all the blocks, its products one-threaded:
+    # no thread waits for another between blocks, and torch's own threads, which would spin
+    # between its products, are not woken.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    todo = iter(range(n))  # shared: next() on it hands each share to one thread
+
+    def work():
+        for j in todo:
+            share(cuts[j], cuts[j + 1])
+
+    rest = []
+    try:
+        rest = [_pool(t).submit(work) for _ in range(1, t)]
+        work()  # this thread takes shares too
+    finally:
+        try:
+            for f in rest:  # every share ends before the thread count is put back
+                f.result()
+        finally:
+            torch.set_num_threads(threads_before)
     return codes, values, perm
 
 
@@ -645,12 +663,25 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
         if name in h and name not in skip:
             groups.setdefault(shared.get(name, name), []).append(name)
     out = {}
-    for key, names in groups.items():
-        done = requantize_group([quantized[n] for n in names], [state[n] for n in names], h[key], damp=damp)
-        for n, qt in zip(names, done):
-            out[n] = qt
-            if progress is not None:
-                progress(n)
+    # The Linears (or groups of them) are fed back side by side, one per thread, each with
+    # one-threaded products: every step of each, its factorisation and orderings too, runs
+    # in parallel, and no thread waits for another (a row's codes do not depend on that).
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gobo-feedback") as pool:
+            done = pool.map(lambda key: requantize_group([quantized[n] for n in groups[key]], [state[n] for n in groups[key]],
+                                                         h[key], damp=damp), list(groups))
+            for names, qts in zip(groups.values(), done):
+                for n, qt in zip(names, qts):
+                    out[n] = qt
+                    if progress is not None:
+                        progress(n)
+    finally:
+        torch.set_num_threads(threads)
     if progress is not None:  # Linears skipped or not reached as 3-D inputs (a pooler) keep their codes
         for name in linear_weights(model, [n for n in quantized if n not in h or n in skip]):
             progress(name)
