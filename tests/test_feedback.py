@@ -127,6 +127,32 @@ def test_compiled_feedback_gives_the_reference_codes(minilm_state, minilm_fp32, 
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
 
 
+def test_apply_feeds_linears_back_side_by_side_with_the_codes_of_one_at_a_time(minilm_fp32, minilm_state, tokenizer, snippets):
+    """apply() feeds the Linears back two at a time with one-threaded products: the codes are
+    those of each Linear fed back on its own, whatever torch's thread count, which it puts back."""
+    names = [n for n in feedback.linear_weights(minilm_fp32, list(minilm_state)) if n.startswith("encoder.layer.1.") and n.endswith(".weight")]
+    ids, mask = feedback.calibration_batch(tokenizer, snippets[:16], 16)
+    shared: dict = {}
+    h = feedback.input_moments(minilm_fp32, ids, mask, names, shared=shared)
+    cfg = GoboConfig(allocate="uniform", codebook="row")
+    quantized = {n: Prepared(minilm_state[n], cfg).build(3) for n in names}
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append(feedback.apply(minilm_fp32, None, quantized, minilm_state, None, 0, damp=0.1, moments=(h, shared)))
+            assert torch.get_num_threads() == t
+    finally:
+        torch.set_num_threads(before)
+    assert list(runs[0]) == names and list(runs[1]) == names
+    q = feedback.requantize_group([quantized[n] for n in names[:3]], [minilm_state[n] for n in names[:3]], h[names[0]], damp=0.1)
+    for n, one in zip(names[:3], q):  # query, key and value, fed back together
+        assert np.array_equal(runs[0][n].codes, one.codes) and np.array_equal(runs[1][n].codes, one.codes)
+    for n in names[3:]:
+        assert np.array_equal(runs[0][n].codes, runs[1][n].codes)
+
+
 def test_moments_factor_is_the_ldl_factor_of_the_damped_moments(minilm_fp32, tokenizer, snippets):
     h = _moments(minilm_fp32, tokenizer, snippets[:8], LAYER).clone()
     h[3, :] = h[:, 3] = 0.0  # an input no token reaches

@@ -650,7 +650,10 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
     (name -> QuantizedTensor).
     ``progress(name)`` is called after each batch of sentences (name ``"calibration.sentences"``)
     and once for each nn.Linear weight of ``quantized`` (fed back or, when the sentences did
-    not reach it as a batch of sequences, left as it is)."""
+    not reach it as a batch of sequences, left as it is).
+    The Linears (or groups of them) are fed back side by side, one per thread, with torch set
+    to one thread meanwhile (put back after): each one's codes are those it gets on its own,
+    and do not depend on the thread count."""
     if moments is None:
         ids, mask = calibration_batch(tokenizer, texts, n, seed=seed, punctuation=punctuation)
         shared: dict = {}
@@ -663,9 +666,8 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
         if name in h and name not in skip:
             groups.setdefault(shared.get(name, name), []).append(name)
     out = {}
-    # The Linears (or groups of them) are fed back side by side, one per thread, each with
-    # one-threaded products: every step of each, its factorisation and orderings too, runs
-    # in parallel, and no thread waits for another (a row's codes do not depend on that).
+    # one-threaded products, one Linear per thread: every step of each (its factorisation and
+    # orderings too) runs in parallel, and no thread waits for another between blocks
     import torch
     from concurrent.futures import ThreadPoolExecutor
 
