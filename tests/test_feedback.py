@@ -373,6 +373,25 @@ def test_recoded_tensors_get_their_codebooks_and_outliers_but_no_codes(minilm_st
     assert np.array_equal(part.quantized[names[1]].codes, full.quantized[names[1]].codes)
 
 
+def test_a_linear_left_for_the_feedback_that_it_does_not_reach_is_an_error_not_zero_codes(monkeypatch):
+    """Linears the shared pass reaches get no codes before the feedback; one the feedback then
+    failed to return must stop the run rather than be written with codes nobody chose."""
+    victim = "encoder.layer.2.attention.self.value.weight"
+    real = feedback.apply
+
+    def losing_one(*args, **kwargs):
+        out = real(*args, **kwargs)
+        assert victim in out  # the feedback does reach it
+        del out[victim]
+        return out
+
+    monkeypatch.setattr(feedback, "apply", losing_one)
+    cfg = GoboConfig(allocate="uniform", codebook="row", act_outliers=0.006, act_texts=8, feedback="synthetic",
+                     feedback_texts=8)
+    with pytest.raises(RuntimeError, match=r"did not reach encoder\.layer\.2\.attention\.self\.value\.weight"):
+        gobo.quantize("minilm-l6", cfg)
+
+
 def test_feedback_with_act_outliers_leaves_the_pooler_its_codes_and_measures_what_it_keeps():
     """The Linears the pass reaches are fed back without first being coded; the pooler, which
     it does not reach, keeps nearest-centroid codes; every tensor's stats are its final ones."""

@@ -110,7 +110,7 @@ def quantize(
     recoded = {n for n in refed if n in moments[0]} if moments is not None else set()
     cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, recoded=recoded)
     if fed_back:
-        cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb)
+        cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb, recoded)
     if calibrated and config.correct_bias:
         deq = {n: q.dequantize() for n, q in cm.quantized.items()}
         cm.dense.update(match_output_means(src, tokenizer, deq, cm.dense))
@@ -176,18 +176,23 @@ def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts,
 
 
 def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, state: dict, texts,
-                   moments=None, progress=None) -> CompressedModel:
+                   moments=None, progress=None, recoded: set[str] = frozenset()) -> CompressedModel:
+    """``cm`` with its Linears re-coded by error feedback; ``recoded``: those whose codes were
+    left for the feedback to choose, every one of which it must reach."""
     from . import feedback
     from .quantizer import TensorStats
 
     if config.feedback != "texts":
         texts = None
-    for name, qt in feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts,
-                                       damp=config.feedback_damp, punctuation=config.synthetic == "punct",
-                                       seed=config.synthetic_seed, moments=moments, progress=progress,
-                                       dtype=config.calibration_dtype,
-                                       skip={n for n in cm.quantized if not config.fed_back(n)},
-                                       group=config.feedback_group).items():
+    fed = feedback.apply(src, tokenizer, cm.quantized, state, texts, config.feedback_texts,
+                         damp=config.feedback_damp, punctuation=config.synthetic == "punct",
+                         seed=config.synthetic_seed, moments=moments, progress=progress,
+                         dtype=config.calibration_dtype, skip={n for n in cm.quantized if not config.fed_back(n)},
+                         group=config.feedback_group)
+    lost = sorted(set(recoded) - set(fed))
+    if lost:  # never write codes that were not chosen
+        raise RuntimeError(f"error feedback did not reach {lost[0]}, whose codes it was to choose")
+    for name, qt in fed.items():
         cm.quantized[name] = qt
         cm.stats.pop(name, None)  # measured again, as fed back
     for name, qt in cm.quantized.items():
