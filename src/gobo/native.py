@@ -7,7 +7,8 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "cluster_rows", "feedback_block", "kmeans1d_exact", "lib", "pack_codes", "unpack_codes"]
+__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "cluster_rows", "feedback_block", "kmeans1d_exact", "lib", "pack_codes", "rans_decode",
+           "rans_encode", "unpack_codes"]
 
 
 @lru_cache(maxsize=1)
@@ -38,6 +39,10 @@ def lib() -> ctypes.CDLL:
     so.gobo_act_scores.argtypes = [ptr, ptr, i64, i64, i32, ptr, ptr, ptr]
     so.gobo_feedback_block.restype = None
     so.gobo_feedback_block.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64]
+    so.gobo_rans_encode.restype = i64
+    so.gobo_rans_encode.argtypes = [ptr, i64, ptr, i32, i32, ptr, i64]
+    so.gobo_rans_decode.restype = ctypes.c_int
+    so.gobo_rans_decode.argtypes = [ptr, i64, ptr, i32, i32, i64, ptr]
     return so
 
 
@@ -140,3 +145,25 @@ def feedback_block(w, w0, t, cb, mask, codes, val) -> None:
     lib().gobo_feedback_block(w.data_ptr(), w.stride(0), w0.data_ptr(), w0.stride(0), rows, n, t.data_ptr(), t.stride(0),
                               cb.data_ptr(), cb.shape[1], mask.data_ptr(), mask.stride(0), codes.data_ptr(),
                               codes.stride(0), val.data_ptr(), val.stride(0))
+
+
+def rans_encode(codes: np.ndarray, freq: np.ndarray, lanes: int) -> np.ndarray:
+    """Native core of :func:`gobo.rans.encode` (``codes`` uint8 C-contiguous, every one with a
+    frequency in the uint16 ``freq``, 1 to 256 lanes)."""
+    freq = np.ascontiguousarray(freq, dtype=np.uint16)
+    if not (codes.dtype == np.uint8 and codes.flags.c_contiguous and 1 <= lanes <= 256 and 1 <= freq.size <= 256):
+        raise ValueError("rans_encode rejected its arguments")
+    out = np.empty(2 * codes.size + 4 * lanes, dtype=np.uint8)
+    n = lib().gobo_rans_encode(codes.ctypes.data, codes.size, freq.ctypes.data, freq.size, lanes, out.ctypes.data, out.size)
+    return out[:n].copy()
+
+
+def rans_decode(stream: np.ndarray, freq: np.ndarray, lanes: int, n: int) -> np.ndarray:
+    """Native core of :func:`gobo.rans.decode`; ValueError if the stream is damaged."""
+    freq = np.ascontiguousarray(freq, dtype=np.uint16)
+    if not (stream.dtype == np.uint8 and stream.flags.c_contiguous and 1 <= lanes <= 256 and 1 <= freq.size <= 256):
+        raise ValueError("rans_decode rejected its arguments")
+    out = np.empty(n, dtype=np.uint8)
+    if lib().gobo_rans_decode(stream.ctypes.data, stream.size, freq.ctypes.data, freq.size, lanes, n, out.ctypes.data):
+        raise ValueError("the entropy-coded stream is damaged (it does not end where its codes do)")
+    return out

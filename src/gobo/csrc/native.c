@@ -406,3 +406,71 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const do
         }
     }
 }
+
+/* Interleaved rANS, byte-wise renormalisation (see gobo/rans.py for the format): state in
+ * [L, 256 L), L = 2^23, frequencies summing to 2^14, code i in lane i % lanes. */
+#define RANS_L (1u << 23)
+#define RANS_PROB_BITS 14
+#define RANS_M (1u << RANS_PROB_BITS)
+
+/* Codes in, stream out (written backwards from out + cap, then moved to out). cap must be
+ * at least 2 n + 4 lanes. Returns the stream's length. */
+GOBO_API int64_t gobo_rans_encode(const uint8_t *codes, int64_t n, const uint16_t *freq, int32_t nsym, int32_t lanes,
+                                  uint8_t *out, int64_t cap) {
+    uint32_t cum[257], x[256];
+    cum[0] = 0;
+    for (int32_t s = 0; s < nsym; ++s) cum[s + 1] = cum[s] + freq[s];
+    for (int32_t l = 0; l < lanes; ++l) x[l] = RANS_L;
+    uint8_t *ptr = out + cap;
+    int32_t l = n ? (int32_t)((n - 1) % lanes) : 0;
+    for (int64_t i = n - 1; i >= 0; --i) {
+        uint32_t s = codes[i], f = freq[s], X = x[l];
+        uint32_t xmax = ((RANS_L >> RANS_PROB_BITS) << 8) * f;
+        while (X >= xmax) { *--ptr = (uint8_t)(X & 0xff); X >>= 8; }
+        x[l] = ((X / f) << RANS_PROB_BITS) + (X % f) + cum[s];
+        l = l ? l - 1 : lanes - 1;
+    }
+    for (int32_t k = lanes - 1; k >= 0; --k) {
+        ptr -= 4;
+        ptr[0] = (uint8_t)x[k]; ptr[1] = (uint8_t)(x[k] >> 8); ptr[2] = (uint8_t)(x[k] >> 16); ptr[3] = (uint8_t)(x[k] >> 24);
+    }
+    int64_t len = (int64_t)(out + cap - ptr);
+    memmove(out, ptr, (size_t)len);
+    return len;
+}
+
+/* Stream in, n codes out. Returns 0, or 1 when the stream is damaged (an invalid starting
+ * state, too few or too many bytes, or lanes that do not end at L). */
+GOBO_API int gobo_rans_decode(const uint8_t *in, int64_t len, const uint16_t *freq, int32_t nsym, int32_t lanes, int64_t n,
+                              uint8_t *out) {
+    uint32_t cum[257], x[256];
+    uint8_t sym[RANS_M];
+    cum[0] = 0;
+    for (int32_t s = 0; s < nsym; ++s) {
+        cum[s + 1] = cum[s] + freq[s];
+        memset(sym + cum[s], s, freq[s]);
+    }
+    if (len < 4 * (int64_t)lanes) return 1;
+    for (int32_t k = 0; k < lanes; ++k) {
+        const uint8_t *p = in + 4 * k;
+        x[k] = (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+        if (x[k] < RANS_L || x[k] >= (RANS_L << 8)) return 1;
+    }
+    const uint8_t *p = in + 4 * lanes, *end = in + len;
+    int32_t l = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t X = x[l], slot = X & (RANS_M - 1), s = sym[slot];
+        out[i] = (uint8_t)s;
+        X = freq[s] * (X >> RANS_PROB_BITS) + slot - cum[s];
+        while (X < RANS_L) {
+            if (p == end) return 1;
+            X = (X << 8) | *p++;
+        }
+        x[l] = X;
+        l = l + 1 == lanes ? 0 : l + 1;
+    }
+    if (p != end) return 1;
+    for (int32_t k = 0; k < lanes; ++k)
+        if (x[k] != RANS_L) return 1;
+    return 0;
+}
