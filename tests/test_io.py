@@ -94,7 +94,7 @@ def test_metadata_describes_the_file(gobo_default, minilm_dir):
     from gobo.hf import weights_sha256
 
     meta = _metadata(gobo_default.file)
-    assert meta["format"] == "gobo" and meta["format_version"] == "1" and FORMAT_VERSION == 2  # no compact tensor: version 1
+    assert meta["format"] == "gobo" and meta["format_version"] == "1" and FORMAT_VERSION == 3  # no compact or grid tensor: version 1
     header = json.loads(meta["gobo"])
     assert header["config"] == config_to_json(GoboConfig()) and header["config"]["type"] == "gobo"
     assert header["source"]["weights_sha256"] == weights_sha256(minilm_dir)
@@ -484,3 +484,77 @@ def test_compact_fields_are_checked():
         QuantizedTensor(**{**{f: getattr(qt, f) for f in ("shape", "bits", "codes", "group_rows", "outlier_index",
                                                          "outlier_value", "method")},
                            "codebook": np.array([[0.1, 0.2, 0.3, 0.4]] * 2, np.float32), "compact": True})
+
+
+# ---------------------------------------------------------------------------- the pinned format (version 3: grid tensors)
+
+def golden_model_v3():
+    """Version 2's model plus a grid tensor: integer levels -2..1 times a float16 step per row
+    and a float16 scale per column, one outlier, the codes entropy coded."""
+    cm = golden_model_v2()
+    cm.quantized["grid.weight"] = QuantizedTensor.from_codes(
+        np.array([[2, 2, 1, 3, 2], [0, 2, 2, 1, 2]], np.uint8), shape=(2, 5), bits=2,
+        codebook=np.array([[-2.0, -1.0, 0.0, 1.0]], np.float32), group_rows=2,
+        row_scale=np.array([0.5, 0.25], np.float16), col_scale=np.array([1.0, 2.0, 0.5, 1.0, 4.0], np.float16),
+        outlier_index=np.array([6], np.int64), outlier_value=np.array([3.0], np.float32),
+        method="gobo", compact=True, entropy=True)
+    return cm
+
+
+#: sha256 of gobo.safetensors for golden_model_v3(); change it only with a new FORMAT_VERSION
+GOLDEN_V3_SHA256 = "30cd12588b082bb27b003da694728db05c1aa19d6886e87c48be0df145d0398c"
+
+
+def test_golden_v3_bytes(tmp_path):
+    import safetensors.numpy
+
+    for i in range(2):
+        write_compressed(golden_model_v3(), tmp_path / str(i))
+        data = (tmp_path / str(i) / WEIGHTS_FILE).read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        assert hashlib.sha256(data).hexdigest() == GOLDEN_V3_SHA256, f"format changed; header now:\n{data[8 : 8 + n].decode()}"
+    assert _metadata(tmp_path / "0" / WEIGHTS_FILE)["format_version"] == "3"
+    arrays = safetensors.numpy.load(data)
+    # the codes 2 2 1 3 2 0 2 2 1 2 as one rANS lane: its state, then the renormalisation bytes
+    assert arrays["q:grid.weight:code_freq"].tolist() == [1638, 3277, 9831, 1638]  # counts 1, 2, 6, 1 of 10
+    assert arrays["q:grid.weight:codes"].tobytes().hex() == GOLDEN_V3_STREAM
+    assert arrays["q:grid.weight:col_scale"].dtype == np.float16
+    got = read_compressed(tmp_path / "0")
+    sd, want = got.state_dict(), golden_model_v3().state_dict()
+    for k, v in want.items():
+        assert sd[k].dtype == v.dtype and np.array_equal(sd[k], v), k
+    # by hand: level x row step, the outlier (row 1, column 1) in place, then x column scale
+    assert sd["grid.weight"].tolist() == [[0.0, 0.0, -0.25, 0.5, 0.0], [-0.5, 6.0, 0.0, -0.25, 0.0]]
+    qt = got.quantized["grid.weight"]
+    assert qt.entropy and qt.nbytes() == len(GOLDEN_V3_STREAM) // 2 + 8 + 4 * 2 + 4 + 4 + 2 * 2 + 5 * 2
+
+
+GOLDEN_V3_STREAM = "d75eb0680d"
+
+
+def test_grid_tensor_in_a_version_2_file_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "v3"
+    write_compressed(golden_model_v3(), d)
+    f = d / WEIGHTS_FILE
+    save_file(load_file(str(f)), str(f), metadata={**_metadata(f), "format_version": "2"})
+    with pytest.raises(FormatError, match=r"grid.weight is a grid tensor, which format versions 1 and 2 do not allow"):
+        read_compressed(d)
+
+
+def test_a_damaged_stream_is_refused_even_with_a_matching_checksum(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from gobo.io import _payload_digest
+
+    d = tmp_path / "v3"
+    write_compressed(golden_model_v3(), d)
+    f = d / WEIGHTS_FILE
+    arrays, meta = load_file(str(f)), _metadata(f)
+    arrays["q:grid.weight:codes"] = arrays["q:grid.weight:codes"][:-1].copy()  # one byte short
+    header = json.loads(meta["gobo"])
+    header["payload_sha256"] = _payload_digest(arrays)  # as a buggy writer would have made it
+    save_file(arrays, str(f), metadata={**meta, "gobo": json.dumps(header)})
+    with pytest.raises(FormatError, match="grid.weight is invalid.*entropy-coded stream"):
+        read_compressed(d)

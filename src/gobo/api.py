@@ -108,8 +108,11 @@ def quantize(
     # codes that feedback will choose again are not chosen first where the pass has shown which
     # Linears it reaches (a pooler's 2-D input is not fed back and keeps its codes)
     recoded = {n for n in refed if n in moments[0]} if moments is not None else set()
-    cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, recoded=recoded)
-    if fed_back:
+    if isinstance(config, GoboConfig) and config.codebook == "grid":
+        cm = _grid(config, src, tokenizer if fed_back else None, state, names, refed, calibration_texts, cb, sens)
+    else:
+        cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, recoded=recoded)
+    if fed_back and config.codebook != "grid":
         cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb, recoded)
     if calibrated and config.correct_bias:
         deq = {n: q.dequantize() for n, q in cm.quantized.items()}
@@ -121,6 +124,41 @@ def quantize(
         "dir": str(Path(model_dir).resolve()),
     }
     return cm
+
+
+def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], refed: set[str], texts, progress=None,
+          sensitivity=None):
+    """A grid config's model (:mod:`gobo.methods.grid`): with feedback, the Linears' input
+    moments first (their column scales), then the codes chosen by error feedback."""
+    from . import feedback
+    from .methods import grid
+    from .quantizer import TensorStats, check_names
+
+    check_names(state, names, config)
+    moments, feed = None, None
+    if config.feedback:
+        ids, mask = feedback.calibration_batch(tokenizer, texts if config.feedback == "texts" else None,
+                                               config.feedback_texts, seed=config.synthetic_seed,
+                                               punctuation=config.synthetic == "punct")
+        shared: dict = {}
+        step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
+        h = feedback.input_moments(src, ids, mask, sorted(refed), shared=shared, progress=step,
+                                   dtype=config.calibration_dtype, group=config.feedback_group)
+        moments = (h, shared)
+
+        def feed(coding: dict) -> dict:
+            fed = feedback.apply(src, tokenizer, coding, state, None, config.feedback_texts, damp=config.feedback_damp,
+                                 moments=moments, progress=progress, dtype=config.calibration_dtype)
+            _check_reached(coding, fed)
+            return fed
+    factors = grid.step_factors(state, names, sensitivity) if config.allocate == "sensitivity" else None
+    quantized, _ = grid.quantize(state, names, config, moments, sorted(refed), feed, progress=progress, factors=factors)
+    if progress is not None and moments is not None:  # Linears the sentences did not reach (a pooler): not fed back
+        for n in sorted(refed - set(moments[0])):
+            progress(n)
+    stats = {n: TensorStats.measure(np.asarray(state[n], dtype=np.float32), qt) for n, qt in quantized.items()}
+    dense = {k: np.ascontiguousarray(v) for k, v in state.items() if k not in quantized}
+    return CompressedModel(quantized=quantized, dense=dense, config=config, stats=stats)
 
 
 def _calibration_texts(config: GoboConfig, texts) -> tuple[list[str], GoboConfig]:
@@ -189,9 +227,7 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
                          seed=config.synthetic_seed, moments=moments, progress=progress,
                          dtype=config.calibration_dtype, skip={n for n in cm.quantized if not config.fed_back(n)},
                          group=config.feedback_group)
-    lost = sorted(set(recoded) - set(fed))
-    if lost:  # never write codes that were not chosen
-        raise RuntimeError(f"error feedback did not reach {lost[0]}, whose codes it was to choose")
+    _check_reached(recoded, fed)
     for name, qt in fed.items():
         cm.quantized[name] = qt
         cm.stats.pop(name, None)  # measured again, as fed back
@@ -200,6 +236,14 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
             cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
     cm.config = config
     return cm
+
+
+def _check_reached(recoded, fed: dict) -> None:
+    """RuntimeError unless error feedback returned every Linear of ``recoded``: codes it was
+    to choose are never written unchosen."""
+    lost = sorted(set(recoded) - set(fed))
+    if lost:
+        raise RuntimeError(f"error feedback did not reach {lost[0]}, whose codes it was to choose")
 
 
 #: metadata of the compressed file, at most: a fixed part plus this much per tensor (the

@@ -145,16 +145,18 @@ def _cmd_quantize(args) -> int:
         raise UserError(f"{out} already exists and is not empty; choose another path or pass --force")
     if getattr(args, "mixed", None) and args.method != "qbert":
         raise UserError("--mixed applies to --method qbert only")
-    if (args.avg_bits is not None or args.size_mb is not None) and args.method != "gobo":
-        raise UserError("--avg-bits and --size-mb apply to --method gobo only")
-    if args.allocate is not None and args.method != "gobo":
-        raise UserError("--allocate applies to --method gobo only")
+    if args.size_mb is not None and args.method != "gobo":
+        raise UserError("--size-mb applies to --method gobo only")
+    if args.avg_bits is not None and args.method not in ("gobo", "gobo-grid"):
+        raise UserError("--avg-bits applies to --method gobo or gobo-grid only")
+    if args.allocate is not None and args.method not in ("gobo", "gobo-grid"):
+        raise UserError("--allocate applies to --method gobo or gobo-grid only")
     if args.avg_bits is not None and args.size_mb is not None:
         raise UserError("give either --avg-bits or --size-mb, not both")
     if (args.codebook or args.feedback or args.calibration_texts or args.feedback_texts or args.act_outliers is not None
-            or args.compact or args.bits_for) and args.method not in ("gobo", "gobo-paper"):
+            or args.compact or args.bits_for) and args.method not in ("gobo", "gobo-paper", "gobo-grid"):
         raise UserError("--codebook, --feedback, --calibration-texts, --feedback-texts, --act-outliers, --compact and --bits-for "
-                        "apply to --method gobo or gobo-paper only")
+                        "apply to --method gobo, gobo-paper or gobo-grid only")
     if args.bits_for and args.allocate not in (None, "uniform"):
         raise UserError("--bits-for sets bits by name and needs every other tensor at --bits: leave out --allocate or give --allocate uniform")
     if args.bits_for and (args.avg_bits is not None or args.size_mb is not None):
@@ -191,7 +193,7 @@ def _cmd_quantize(args) -> int:
             extra["allocate"] = args.allocate
         if args.codebook:
             extra["codebook"] = args.codebook
-            if args.codebook == "row" and args.allocate is None:
+            if args.codebook in ("row", "grid") and args.allocate is None:
                 extra["allocate"] = "uniform"
         if args.feedback:
             extra["feedback"] = args.feedback
@@ -426,12 +428,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model directory, or a bundled model: minilm-l6, mpnet-base")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist, or be empty, unless --force)")
     q.add_argument("--bits", type=int, default=3, help="bits per weight, 1-8 (default 3)")
-    q.add_argument("--method", default="gobo", choices=["gobo", "gobo-paper", "directq", "qbert"], help="gobo (default: data-free improvements), gobo-paper (the paper's recipe), directq (uniform per-row), qbert (group-wise uniform, embeddings at 8 bits)")
+    q.add_argument("--method", default="gobo", choices=["gobo", "gobo-paper", "gobo-grid", "directq", "qbert"], help="gobo (default: data-free improvements), gobo-paper (the paper's recipe), gobo-grid (the most accurate data-free setting: entropy-coded grids, steps weighed by output gain, error feedback on synthetic sentences; slower), directq (uniform per-row), qbert (group-wise uniform, embeddings at 8 bits)")
     q.add_argument("--mixed", metavar="LOW/HIGH", help="qbert only: Hessian-ranked mixed precision per layer, e.g. 2/3 (measures the sensitivity on the training split first)")
-    q.add_argument("--avg-bits", type=float, metavar="B", help="gobo only: mixed precision spending B bits per weight on average, all included (e.g. 2.5)")
+    q.add_argument("--avg-bits", type=float, metavar="B", help="gobo only: mixed precision (or --codebook grid) spending B bits per weight on average, all included (e.g. 2.5)")
     q.add_argument("--size-mb", type=float, metavar="MB", help="gobo only: mixed precision filling a file of at most MB megabytes")
     q.add_argument("--allocate", choices=["size", "sensitivity", "hessian", "uniform"], help="gobo only: how the mixed precision spends its bits: size (default: errors weighed by tensor size), sensitivity (data-free output gain), hessian (times each layer's Q-BERT Hessian sensitivity, measured on the training split first), uniform (every tensor at --bits)")
-    q.add_argument("--codebook", choices=["tensor", "row"], help="gobo: one codebook per tensor (default) or per row (every tensor at --bits)")
+    q.add_argument("--codebook", choices=["tensor", "row", "grid"], help="gobo: one codebook per tensor (default) or per row (every tensor at --bits), or grid: a uniform grid per row, entropy coded, the file spending --bits (or --avg-bits) per weight all in; with --feedback, a scale per input column too (format version 3)")
     q.add_argument("--feedback", choices=["synthetic", "texts"], help="gobo: choose the codes of every Linear by error feedback on calibration inputs: synthetic sentences (data-free) or texts (--calibration-texts, default the benchmark's training split)")
     q.add_argument("--act-outliers", type=float, metavar="FRACTION", help="gobo: also keep exact this fraction of every Linear's weights (e.g. 0.006): those whose error weighs most once multiplied by its input's mean square on 64 synthetic sentences (data-free)")
     q.add_argument("--calibration-texts", metavar="FILE", help="with --feedback texts: one calibration text per line")
@@ -463,7 +465,8 @@ def _parser() -> argparse.ArgumentParser:
     d = add("demo", "quantize the default model at 3 bits, evaluate it against FP32, print the table")
     d.add_argument("--out", default="out/demo", help="where the compressed models go (default out/demo)")
     d.add_argument("--bits", type=int, default=3)
-    d.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq"], choices=["gobo", "gobo-paper", "directq"])
+    d.add_argument("--methods", nargs="+", default=["gobo", "gobo-grid", "gobo-paper", "directq"],
+                   choices=["gobo", "gobo-grid", "gobo-paper", "directq"])
     d.add_argument("--limit", type=int, help="test texts (default: all)")
     d.add_argument("--train-limit", type=int, help="train the probe on this many texts (default: all)")
     d.set_defaults(fn=_cmd_demo)

@@ -50,7 +50,10 @@ class GoboConfig:
     correct_bias: bool = False  # Linear biases re-fitted so mean outputs match FP32 on synthetic sentences
     layer_omega: tuple[float, ...] = ()  # allocate="hessian": Omega of each encoder layer, layer 0 first; () = to measure
     version: int = 1
-    codebook: str = "tensor"  # "tensor": one codebook per tensor (paper); "row": one per row (needs allocate="uniform")
+    codebook: str = "tensor"  # "tensor": one codebook per tensor (paper); "row": one per row (needs allocate="uniform");
+    # "grid": a uniform grid of levels, one step per row (and per input column when fed back), the codes entropy
+    # coded, every tensor at one step relative to its rows' spread, chosen so the file spends `average` (or
+    # `bits`) bits per weight all in (gobo.methods.grid; needs allocate="uniform")
     feedback: str = ""  # "": codes by nearest centroid; "synthetic" or "texts": error feedback (gobo.feedback)
     feedback_texts: int = 256  # calibration sentences for the error feedback
     feedback_sha256: str = ""  # feedback="texts": hash of the calibration texts used (gobo.quantize records it)
@@ -89,7 +92,7 @@ class GoboConfig:
         _check_bits("max_bits", self.max_bits)
         if self.min_bits > self.max_bits:
             raise ValueError(f"min_bits ({self.min_bits}) must not exceed max_bits ({self.max_bits})")
-        if self.allocate != "uniform" and not self.min_bits <= self.bits <= self.max_bits:
+        if self.allocate != "uniform" and self.codebook != "grid" and not self.min_bits <= self.bits <= self.max_bits:
             raise ValueError(f"bits ({self.bits}) must lie between min_bits and max_bits")
         if isinstance(self.average, bool) or not isinstance(self.average, (int, float)) or self.average < 0:
             raise ValueError(f"average must be a non-negative number of bits per weight, got {self.average!r}")
@@ -100,10 +103,18 @@ class GoboConfig:
         ):
             raise ValueError(f"layer_omega must be a sequence of finite positive numbers, got {self.layer_omega!r}")
         object.__setattr__(self, "layer_omega", tuple(float(o) for o in self.layer_omega))
-        if self.codebook not in ("tensor", "row"):
-            raise ValueError(f"codebook must be 'tensor' or 'row', got {self.codebook!r}")
+        if self.codebook not in ("tensor", "row", "grid"):
+            raise ValueError(f"codebook must be 'tensor', 'row' or 'grid', got {self.codebook!r}")
         if self.codebook == "row" and (self.allocate != "uniform" or self.normalize_rows):
             raise ValueError("codebook='row' needs allocate='uniform' and normalize_rows=False")
+        if self.codebook == "grid" and (self.allocate not in ("uniform", "sensitivity") or self.normalize_rows):
+            raise ValueError("codebook='grid' needs allocate='uniform' (one relative step for all tensors) or "
+                             "'sensitivity' (steps weighed by their output gain), and normalize_rows=False")
+        if self.codebook == "grid":
+            if self.act_outliers or self.bits_for or self.correct_bias:
+                raise ValueError("codebook='grid' spends its bits by one step size for all tensors: it does not combine "
+                                 "with act_outliers, bits_for or correct_bias")
+            object.__setattr__(self, "compact", True)  # grid tensors are compact (float16 steps and levels)
         if self.feedback not in ("", "synthetic", "texts"):
             raise ValueError(f"feedback must be '', 'synthetic' or 'texts', got {self.feedback!r}")
         if self.feedback and self.normalize_rows:
@@ -149,7 +160,10 @@ class GoboConfig:
             raise ValueError("bits_for sets bits by name, which needs allocate='uniform' (a mixed allocation chooses them itself)")
         if self.layer_omega and self.allocate != "hessian":
             raise ValueError(f"layer_omega only applies with allocate='hessian', not {self.allocate!r}")
-        if self.average:
+        if self.average and self.codebook == "grid":
+            if not 0.5 <= self.average <= 8:
+                raise ValueError(f"average ({self.average}) must lie between 0.5 and 8 bits per weight")
+        elif self.average:
             if self.allocate == "uniform":
                 raise ValueError("average needs a mixed allocation (allocate='size', 'sensitivity' or 'hessian'), not 'uniform'")
             if not self.min_bits <= self.average <= self.max_bits:
@@ -181,6 +195,15 @@ class GoboConfig:
     def paper(cls, bits: int = 3, **kw) -> "GoboConfig":
         """The recipe of the MICRO 2020 paper, unchanged."""
         return cls(**{"bits": bits, "clustering": "l1", "normalize_rows": False, "allocate": "uniform", "correct_bias": False, **kw})
+
+    @classmethod
+    def grid(cls, bits: int = 3, **kw) -> "GoboConfig":
+        """The most accurate data-free setting at a given size (method ``gobo-grid``): grid
+        tensors, entropy coded, their steps weighed by their output gain, the Linears' codes
+        chosen by error feedback on 64 synthetic sentences (damping 1), the file spending
+        ``bits`` (or ``average``) per weight all in."""
+        return cls(**{"bits": bits, "codebook": "grid", "allocate": "sensitivity", "feedback": "synthetic", "feedback_texts": 64,
+                      "feedback_damp": 1.0, **kw})
 
 
 @dataclass(frozen=True)
@@ -285,16 +308,18 @@ def _globs(field: str, value) -> tuple[str, ...]:
 
 
 def method_config(method: str, bits: int = 3, **overrides) -> GoboConfig | DirectQConfig | QBertConfig:
-    """Config for a method name as the CLI spells it: gobo, gobo-paper, directq, qbert."""
+    """Config for a method name as the CLI spells it: gobo, gobo-paper, gobo-grid, directq, qbert."""
     if method == "gobo":
         return GoboConfig(bits=bits, **overrides)
     if method == "gobo-paper":
         return GoboConfig.paper(bits=bits, **overrides)
+    if method == "gobo-grid":
+        return GoboConfig.grid(bits=bits, **overrides)
     if method == "directq":
         return DirectQConfig(bits=bits, **overrides)
     if method == "qbert":
         return QBertConfig(bits=bits, **overrides)
-    raise ValueError(f"unknown method {method!r}; choose gobo, gobo-paper, directq or qbert")
+    raise ValueError(f"unknown method {method!r}; choose gobo, gobo-paper, gobo-grid, directq or qbert")
 
 
 def config_to_json(cfg) -> dict:

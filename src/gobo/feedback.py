@@ -28,8 +28,8 @@ import numpy as np
 from .qtensor import QuantizedTensor
 
 __all__ = ["BATCH", "CALIBRATION_DTYPES", "CALIBRATION_STEP", "DAMP", "GroupedMoments", "apply", "calibration_batch", "diagonal",
-           "error_feedback", "fast_dtype", "feedback_rows", "input_energy", "input_moments", "linear_weights", "moments_factor",
-           "requantize", "requantize_group", "texts_sha256"]
+           "error_feedback", "fast_dtype", "feedback_rows", "input_energy", "input_moments", "ldl_diagonal", "linear_weights",
+           "moments_factor", "requantize", "requantize_group", "scaled_moments", "texts_sha256"]
 
 #: diagonal damping, as a fraction of the mean diagonal of H (``GoboConfig.feedback_damp``
 #: sets it for gobo.quantize, 0.1 by default: moments of synthetic sentences are only an
@@ -549,6 +549,14 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
             raise ValueError("error feedback needs codebooks without row statistics (normalize_rows=False)")
     if len({qt.cols for qt in qts}) != 1:
         raise ValueError("Linears fed back together must read inputs of one width")
+    scale = qts[0].col_scale
+    if any((qt.col_scale is None) != (scale is None) or (scale is not None and not np.array_equal(qt.col_scale, scale))
+           for qt in qts):
+        raise ValueError("Linears fed back together must share their column scale")
+    if scale is not None:  # W = W' diag(s): W' is coded under the moments of the scaled inputs x s
+        s32 = scale.astype(np.float32)
+        weights = [np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols) / s32 for qt, w in zip(qts, weights)]
+        h = scaled_moments(h, s32)
     if len({qt.bits for qt in qts}) != 1:  # one codebook width per compiled call
         return [requantize_group([qt], [w], h, damp, block)[0] for qt, w in zip(qts, weights)]
     cbs, masks, ws = [], [], []
@@ -632,7 +640,38 @@ def _recoded(qt: QuantizedTensor, codes: np.ndarray, outlier_value: np.ndarray) 
         outlier_value=outlier_value.astype(np.float32),
         method=qt.method,
         compact=qt.compact,
+        col_scale=qt.col_scale,
     )
+
+
+def scaled_moments(h, s: np.ndarray):
+    """The moments of the inputs ``x * s`` (``s`` one factor per feature) from those of ``x``:
+    a matrix or :class:`GroupedMoments`, float32 like them."""
+    import torch
+
+    st = torch.from_numpy(np.asarray(s, dtype=np.float32))
+    if isinstance(h, GroupedMoments):
+        blocks = [b * torch.outer(st[g], st[g]) for g, b in zip(h.index, h.blocks)]
+        mean = float(sum(torch.diagonal(b).to(torch.float64).sum() for b in blocks)) / h.shape[0]
+        return GroupedMoments(h.index, blocks, mean)
+    return h.to(torch.float32) * torch.outer(st, st)
+
+
+def ldl_diagonal(h, damp: float) -> np.ndarray:
+    """``D`` (float64, in feature order) of the damped moments ``h = T D T^T`` that error
+    feedback factors (:func:`moments_factor`; each group of :class:`GroupedMoments` on its
+    own): the variance of each input feature left once the features coded before it are
+    known, what an error in that column costs after the feedback has done its work."""
+    if isinstance(h, GroupedMoments):
+        out = np.empty(h.shape[0])
+        for g, b in zip(h.index, h.blocks):
+            _, diag, _, perm, _ = _factor_parts(b, damp, h.mean)
+            out[g.numpy()[perm.numpy()]] = diag.numpy() ** 2
+        return out
+    _, diag, _, perm, _ = _factor_parts(h, damp)
+    out = np.empty(h.shape[0])
+    out[perm.numpy()] = diag.numpy() ** 2
+    return out
 
 
 def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,

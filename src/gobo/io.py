@@ -5,7 +5,9 @@
 ``q:NAME:row_offset``, ``q:NAME:outlier_index`` (or, for a compact tensor, the row-by-row
 ``q:NAME:outlier_col`` and ``q:NAME:outlier_count``), ``q:NAME:outlier_value``; every tensor kept
 as it was is ``d:NAME``. A file with compact tensors (:class:`gobo.qtensor.QuantizedTensor`)
-is format version 2; any other is version 1, byte for byte as before version 2 existed.
+is format version 2; one with grid tensors (entropy-coded codes, column scales: the fields
+``q:NAME:code_freq`` and ``q:NAME:col_scale``) is version 3; any other is version 1, byte for
+byte as before version 2 existed.
 The safetensors metadata holds ``format = "gobo"``,
 ``format_version`` and ``gobo``: a JSON document with the method config
 (``{type, version, data}``), per-tensor attributes and statistics, the source model's hash,
@@ -32,7 +34,7 @@ from .quantizer import CompressedModel, TensorStats
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_FILE", "FormatError", "read_compressed", "write_compressed"]
 
-FORMAT_VERSION = 2  # the newest this gobo reads and writes; 1 for files without compact tensors
+FORMAT_VERSION = 3  # the newest this gobo reads and writes; 2 for compact tensors, 1 for files without any
 WEIGHTS_FILE = "gobo.safetensors"
 PACKING = "lsb-bitstream-v1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".ot")
@@ -122,7 +124,8 @@ def write_compressed(cm: CompressedModel, outdir: str | os.PathLike, source_dir:
         "source": cm.source,
         "payload_sha256": _payload_digest(tensors),
     }
-    version = 2 if any(qt.compact for qt in cm.quantized.values()) else 1
+    version = 3 if any(qt.entropy or qt.col_scale is not None for qt in cm.quantized.values()) else \
+        2 if any(qt.compact for qt in cm.quantized.values()) else 1
     metadata = {"format": "gobo", "format_version": str(version), "gobo": json.dumps(header, sort_keys=True)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".partial", dir=parent))
     try:
@@ -215,6 +218,9 @@ def read_compressed(outdir: str | os.PathLike) -> CompressedModel:
             raise FormatError(f"{path}: tensor {name} is invalid ({exc})") from None
         if qt.compact and header["format_version"] < 2:
             raise FormatError(f"{path}: tensor {name} is compact, which format version 1 does not allow; the file is damaged")
+        if (qt.entropy or qt.col_scale is not None) and header["format_version"] < 3:
+            raise FormatError(f"{path}: tensor {name} is a grid tensor, which format versions 1 and 2 do not allow; "
+                              "the file is damaged")
         quantized[name] = qt
         s = tmeta[name].get("stats")
         if s:

@@ -86,6 +86,7 @@ class Packed:
     row_offset: torch.Tensor | None
     outlier_index: torch.Tensor  # int32 or int64 flat positions, sorted
     outlier_value: torch.Tensor  # float32
+    col_scale: torch.Tensor | None = None  # float16 (cols,): applied by the callers of the C code (W = W' diag)
 
     @classmethod
     def from_qtensor(cls, qt: QuantizedTensor) -> "Packed":
@@ -102,6 +103,7 @@ class Packed:
             row_offset=stat(qt.row_offset),
             outlier_index=torch.from_numpy(np.ascontiguousarray(idx).copy()),
             outlier_value=torch.from_numpy(np.ascontiguousarray(qt.outlier_value).copy()),
+            col_scale=stat(qt.col_scale),
         )
 
     def to_qtensor(self) -> QuantizedTensor:
@@ -116,6 +118,7 @@ class Packed:
             row_offset=stat(self.row_offset),
             outlier_index=self.outlier_index.numpy().astype(np.int64),
             outlier_value=self.outlier_value.numpy(),
+            col_scale=stat(self.col_scale),
         )
 
     def dequantize(self) -> torch.Tensor:
@@ -123,7 +126,7 @@ class Packed:
         return torch.from_numpy(self.to_qtensor().dequantize().reshape(self.rows, self.cols))
 
     def nbytes(self) -> int:
-        ts = [self.codes, self.codebook, self.row_scale, self.row_offset, self.outlier_index, self.outlier_value]
+        ts = [self.codes, self.codebook, self.row_scale, self.row_offset, self.outlier_index, self.outlier_value, self.col_scale]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
@@ -312,7 +315,15 @@ def decode_rows(p: Packed, r0: int = 0, r1: int | None = None, out: torch.Tensor
     rc = _lib().gobo_decode_rows(ctypes.byref(q), r0, r1, out.data_ptr(), max(out.stride(0), p.cols), _decoder(path))
     if rc:
         raise ValueError("the native decoder rejected its arguments")
-    return out
+    return scale_columns(out, p)
+
+
+def scale_columns(w: torch.Tensor, p: Packed) -> torch.Tensor:
+    """Decoded rows ``w`` (..., cols) times ``p``'s column scale, in place (the C decoders
+    give ``W'``; the weight is ``W' diag(col_scale)``, see :mod:`gobo.qtensor`)."""
+    if p.col_scale is not None:
+        w.mul_(p.col_scale.to(torch.float32))
+    return w
 
 
 def decode_row_list(p: Packed, ids: torch.Tensor, *, path: str = "auto") -> torch.Tensor:
@@ -325,7 +336,7 @@ def decode_row_list(p: Packed, ids: torch.Tensor, *, path: str = "auto") -> torc
         raise IndexError(f"an index is out of range for a table of {p.rows} rows")
     if rc:
         raise ValueError("the native decoder rejected its arguments")
-    return out.reshape(*ids.shape, p.cols)
+    return scale_columns(out, p).reshape(*ids.shape, p.cols)
 
 
 # ---------------------------------------------------------------------------- linear
@@ -469,6 +480,8 @@ def linear(
     if residual is not None and tuple(residual.shape) != (*lead, p.rows):
         raise ValueError(f"residual has shape {tuple(residual.shape)}, the output has {(*lead, p.rows)}")
     x2 = x.reshape(-1, p.cols)
+    if p.col_scale is not None:  # x W^T = (x diag(col_scale)) W'^T, W' what the C code decodes
+        x2 = x2 * p.col_scale.to(torch.float32)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     m, n, k = x2.shape[0], p.rows, p.cols

@@ -33,7 +33,7 @@ from .qtensor import QuantizedTensor
 
 __all__ = ["FusedOutput", "QuantEmbedding", "QuantLinear", "build_packed_model", "fuse_epilogues", "resident_weight_bytes", "swap_modules"]
 
-_FIELDS = ("codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value")
+_FIELDS = ("codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value", "col_scale")
 
 
 class _Packed(nn.Module):
@@ -62,6 +62,7 @@ class _Packed(nn.Module):
             row_offset=self.row_offset,
             outlier_index=self.outlier_index,
             outlier_value=self.outlier_value,
+            col_scale=self.col_scale,
         )
 
     def _packed_view(self) -> tuple[kernels.Packed, kernels.QMat]:
@@ -186,7 +187,7 @@ class QuantEmbedding(_Packed):
             raise IndexError(f"index out of range in an embedding table of {self.num_embeddings} rows")
         if rc:
             raise ValueError("the native decoder rejected its arguments")
-        return out.reshape(*ids.shape, self.embedding_dim)
+        return kernels.scale_columns(out, p).reshape(*ids.shape, self.embedding_dim)
 
     def forward_reference(self, ids: torch.Tensor) -> torch.Tensor:
         return kernels.embedding_reference(ids, self.packed())

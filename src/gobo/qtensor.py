@@ -6,6 +6,7 @@ Dequantization (exact, float32, in this order)::
     v[r, c] = v[r, c] * row_scale[r]      if row_scale is present (float16/32, widened to float32)
     v[r, c] = v[r, c] + row_offset[r]     if row_offset is present (likewise)
     v.flat[outlier_index] = outlier_value
+    v[r, c] = v[r, c] * col_scale[c]      if col_scale is present (float16, widened to float32)
 
 ``code`` is stored packed (see :mod:`gobo.packing`), row-major over ``(rows, cols)`` where
 ``rows = shape[0]`` and ``cols = prod(shape[1:])``. Every operation is elementwise in
@@ -22,6 +23,11 @@ float32 codebook and the flat positions above, whichever way the file holds them
   the whole tensor) and its Gaussian outliers exact.
 * Uniform (DirectQ) codes are integer levels ``codebook = [0, 1, ..., 2**bits - 1]`` scaled
   and shifted per row (``row_scale`` = step, ``row_offset`` = minimum).
+* A grid tensor (:mod:`gobo.methods.grid`, format version 3) is compact, its codebook the
+  integer levels ``lo, lo + 1, ...``, its step per row ``row_scale`` and, when it was fed
+  back, a scale per input column ``col_scale``; it is ``entropy`` coded: the file holds its
+  codes as an rANS stream (:mod:`gobo.rans`, field ``codes``) under a static model (field
+  ``code_freq``) instead of packed. In memory its codes are packed like any other.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from .packing import pack_codes, packed_nbytes, unpack_codes
 __all__ = ["QuantizedTensor", "FIELDS", "ROW_FIELDS", "outlier_index_nbytes"]
 
 #: tensor fields, in file order; each is optional except codes and codebook
-FIELDS = ("codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value")
+FIELDS = ("codes", "codebook", "row_scale", "row_offset", "outlier_index", "outlier_value", "col_scale", "code_freq")
 #: the file's row-by-row outlier positions of a compact tensor (in memory: ``outlier_index``)
 ROW_FIELDS = ("outlier_col", "outlier_count")
 
@@ -53,6 +59,9 @@ class QuantizedTensor:
     outlier_value: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     method: str = "gobo"
     compact: bool = False  # float16 centroids, row-by-row outlier positions in the file
+    col_scale: np.ndarray | None = None  # float16 (cols,): a grid tensor's scale of each input column
+    entropy: bool = False  # the file holds the codes rANS-coded (gobo.rans); needs compact
+    _stream: tuple | None = field(default=None, repr=False)  # (stream, freq) once coded, for an entropy tensor
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -101,6 +110,10 @@ class QuantizedTensor:
             raise ValueError("outlier_index and outlier_value must be 1-D and of equal length")
         if self.outlier_value.dtype != np.float32:
             raise ValueError("outlier_value must be float32")
+        if self.col_scale is not None and (self.col_scale.dtype != np.float16 or self.col_scale.shape != (self.cols,)):
+            raise ValueError(f"col_scale must be float16 of shape ({self.cols},)")
+        if self.entropy and not self.compact:
+            raise ValueError("an entropy-coded tensor must be compact")
         if self.compact and not np.array_equal(self.codebook.astype(np.float16).astype(np.float32), self.codebook):
             raise ValueError("a compact tensor's centroids must be float16 numbers")
         if self.outlier_index.size:
@@ -127,9 +140,10 @@ class QuantizedTensor:
             v = v * self.row_scale.astype(np.float32)[:, None]
         if self.row_offset is not None:
             v = v + self.row_offset.astype(np.float32)[:, None]
-        v = v.reshape(-1)
         if self.outlier_index.size:
-            v[self.outlier_index] = self.outlier_value
+            v.reshape(-1)[self.outlier_index] = self.outlier_value
+        if self.col_scale is not None:  # W = W' diag(col_scale): the input's columns scaled
+            v = v * self.col_scale.astype(np.float32)[None, :]
         return v.reshape(self.shape)
 
     # ------------------------------------------------------------------ size
@@ -137,11 +151,23 @@ class QuantizedTensor:
         """Bytes the file holds for the codes, the centroids, the outliers (positions and
         values) and the row statistics."""
         return {
-            "codes": int(self.codes.nbytes),
+            "codes": sum(int(a.nbytes) for a in self.coded()) if self.entropy else int(self.codes.nbytes),
             "centroids": int(self.codebook.size * (2 if self.compact else 4)),
             "outliers": int(self.outlier_value.nbytes) + outlier_index_nbytes(self.n_outliers, self.rows, self.cols, self.compact),
-            "row_stats": sum(int(a.nbytes) for a in (self.row_scale, self.row_offset) if a is not None),
+            "row_stats": sum(int(a.nbytes) for a in (self.row_scale, self.row_offset, self.col_scale) if a is not None),
         }
+
+    def coded(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(stream, freq)``: an entropy tensor's codes as the file holds them (coded once)."""
+        if not self.entropy:
+            raise ValueError("only an entropy-coded tensor has a coded stream")
+        if self._stream is None:
+            from . import rans
+
+            codes = self.unpacked_codes()
+            freq = rans.model(codes, 1 << self.bits)
+            self._stream = (rans.encode(codes, freq), freq)
+        return self._stream
 
     def nbytes(self) -> int:
         """Bytes of all stored arrays, as the file holds them."""
@@ -166,6 +192,10 @@ class QuantizedTensor:
             else:
                 out["outlier_index"] = self.outlier_index.astype(np.int32 if self.numel < 2**31 else np.int64)
             out["outlier_value"] = self.outlier_value
+        if self.col_scale is not None:
+            out["col_scale"] = self.col_scale
+        if self.entropy:
+            out["codes"], out["code_freq"] = self.coded()
         return out
 
     def meta(self) -> dict:
@@ -178,15 +208,20 @@ class QuantizedTensor:
         }
         if self.compact:  # left out otherwise: files of format version 1 keep their bytes
             out["compact"] = True
+        if self.entropy:  # likewise for versions 1 and 2
+            out["entropy"] = True
         return out
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, np.ndarray]) -> "QuantizedTensor":
         """Inverse of :meth:`meta` + :meth:`to_tensors`; validates everything."""
         compact = meta.get("compact", False)
-        if not isinstance(compact, bool):
-            raise ValueError("compact must be true or false")
+        entropy = meta.get("entropy", False)
+        if not isinstance(compact, bool) or not isinstance(entropy, bool):
+            raise ValueError("compact and entropy must be true or false")
         unknown = set(tensors) - set(FIELDS) - (set(ROW_FIELDS) if compact else set())
+        if not entropy and "code_freq" in tensors:
+            unknown.add("code_freq")
         if unknown:
             raise ValueError(f"unexpected fields {sorted(unknown)}")
         for req in ("codes", "codebook"):
@@ -204,10 +239,23 @@ class QuantizedTensor:
         val = tensors.get("outlier_value")
         if (idx is None) != (val is None):
             raise ValueError("outlier positions and values must come together")
+        bits = int(meta["bits"])
+        codes = np.ascontiguousarray(tensors["codes"])
+        stream = None
+        if entropy:
+            from . import rans
+
+            freq = tensors.get("code_freq")
+            if not 1 <= bits <= 8 or freq is None or freq.dtype != np.uint16 or freq.shape != (1 << bits,):
+                raise ValueError("an entropy-coded tensor needs code_freq: uint16, one per code value")
+            if codes.dtype != np.uint8 or codes.ndim != 1:
+                raise ValueError("codes must be a 1-D uint8 array")
+            stream = (codes, np.ascontiguousarray(freq))
+            codes = pack_codes(rans.decode(codes, freq, int(np.prod(shape, dtype=np.int64))), bits)
         return cls(
             shape=shape,
-            bits=int(meta["bits"]),
-            codes=np.ascontiguousarray(tensors["codes"]),
+            bits=bits,
+            codes=codes,
             codebook=np.ascontiguousarray(codebook.astype(np.float32)),
             group_rows=int(meta["group_rows"]),
             row_scale=tensors.get("row_scale"),
@@ -216,6 +264,9 @@ class QuantizedTensor:
             outlier_value=np.zeros(0, np.float32) if val is None else np.ascontiguousarray(val),
             method=str(meta.get("method", "gobo")),
             compact=compact,
+            col_scale=tensors.get("col_scale"),
+            entropy=entropy,
+            _stream=stream,
         )
 
     @classmethod

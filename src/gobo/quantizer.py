@@ -194,6 +194,25 @@ def layer_gains(all_names: Iterable[str], names: Iterable[str], layer_omega: tup
 # ---------------------------------------------------------------------------- driver
 
 
+def check_names(state: Mapping[str, np.ndarray], names: list[str], config) -> None:
+    """KeyError or ValueError, in one sentence, unless ``names`` are finite floating-point
+    tensors of ``state``, at least one, and every ``bits_for`` pattern of ``config`` matches one."""
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise KeyError(f"no tensor named {missing[0]!r} in the model")
+    for n in names:
+        a = state[n]
+        if a.dtype.kind != "f":
+            raise ValueError(f"{n} is not a floating-point tensor")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{n} holds NaN or infinite values; the model is damaged")
+    if not names:
+        raise ValueError("no weights to quantize: the model has no Linear or Embedding weights matching the patterns")
+    glob = unmatched((g for g, _ in getattr(config, "bits_for", ())), names)
+    if glob is not None:
+        raise ValueError(f"bits_for pattern {glob!r} matches none of the tensors to quantize")
+
+
 def quantize_state(
     state: Mapping[str, np.ndarray],
     names: Iterable[str],
@@ -220,20 +239,7 @@ def quantize_state(
     the replacements).
     """
     names = list(names)
-    missing = [n for n in names if n not in state]
-    if missing:
-        raise KeyError(f"no tensor named {missing[0]!r} in the model")
-    for n in names:
-        a = state[n]
-        if a.dtype.kind != "f":
-            raise ValueError(f"{n} is not a floating-point tensor")
-        if not np.isfinite(a).all():
-            raise ValueError(f"{n} holds NaN or infinite values; the model is damaged")
-    if not names:
-        raise ValueError("no weights to quantize: the model has no Linear or Embedding weights matching the patterns")
-    glob = unmatched((g for g, _ in getattr(config, "bits_for", ())), names)
-    if glob is not None:
-        raise ValueError(f"bits_for pattern {glob!r} matches none of the tensors to quantize")
+    check_names(state, names, config)
 
     def finish(n: str, w: np.ndarray, qt: QuantizedTensor) -> None:
         quantized[n] = qt
@@ -242,6 +248,17 @@ def quantize_state(
 
     quantized: dict[str, QuantizedTensor] = {}
     stats: dict[str, TensorStats] = {}
+    if isinstance(config, GoboConfig) and config.codebook == "grid":  # no feedback here (gobo.quantize feeds back)
+        from .methods import grid
+
+        if config.allocate == "sensitivity" and sensitivity is None:
+            raise ValueError("allocate='sensitivity' needs the model to measure output sensitivity; use gobo.quantize")
+        factors = grid.step_factors(state, names, sensitivity) if config.allocate == "sensitivity" else None
+        quantized, _ = grid.quantize(state, names, config, progress=progress, factors=factors)
+        stats = {n: TensorStats.measure(np.asarray(state[n], dtype=np.float32), qt) for n, qt in quantized.items()
+                 if n not in recoded}
+        dense = {k: np.ascontiguousarray(v) for k, v in state.items() if k not in quantized}
+        return CompressedModel(quantized=quantized, dense=dense, config=config, stats=stats)
     arrays = {n: np.asarray(state[n], dtype=np.float32) for n in names}
     workers = max(1, min(len(names), os.cpu_count() or 1, 8))
     with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL

@@ -88,8 +88,12 @@ def summarize(cm: CompressedModel, file_path: str | Path | None = None) -> Model
         c = cm.config
         if c == GoboConfig.paper(c.bits, outlier_threshold=c.outlier_threshold, max_iter=c.max_iter):
             method = "gobo-paper"
+        elif c == GoboConfig.grid(c.bits, average=c.average, synthetic_seed=c.synthetic_seed,
+                                  calibration_dtype=c.calibration_dtype):
+            method = "gobo-grid"
         else:
-            method = "gobo" + ("+rows" if c.codebook == "row" else "") + ("+feedback" if c.feedback else "") \
+            method = "gobo" + ("+rows" if c.codebook == "row" else "") + ("+grid" if c.codebook == "grid" else "") \
+                + ("+sensitivity" if c.allocate == "sensitivity" else "") + ("+feedback" if c.feedback else "") \
                 + ("-exclude" if c.feedback_exclude else "") + ("-grouped" if c.feedback_group else "") \
                 + ("+bits-for" if c.bits_for else "") \
                 + ("+compact" if c.compact else "")
