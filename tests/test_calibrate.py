@@ -63,6 +63,25 @@ def test_output_sensitivity_is_zero_for_the_original_and_restores_the_model(mini
     assert sens("pooler.dense.weight", np.zeros_like(minilm_state["pooler.dense.weight"])) == 0.0
 
 
+def test_output_sensitivity_reuses_the_layers_before_the_tensor_exactly(minilm_fp32, minilm_state, tokenizer):
+    """The layers before a tensor's own give back their reference outputs instead of running:
+    the errors are the very ones of full passes, and the model is left as it was."""
+    sens = OutputSensitivity(minilm_fp32, tokenizer, n_seqs=4, max_len=16, punctuation=True)
+    assert [p for p, _ in sens.layers] == [f"encoder.layer.{i}." for i in range(6)] and len(sens.outputs) == 6
+    names = ["embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight",
+             "encoder.layer.3.intermediate.dense.weight", "encoder.layer.5.output.dense.weight"]
+    rng = np.random.default_rng(1)
+    noisy = {n: minilm_state[n] + np.float32(0.01) * rng.standard_normal(minilm_state[n].shape).astype(np.float32) for n in names}
+    fast = {n: sens(n, noisy[n]) for n in names}
+    assert [sens._first_layer(n) for n in names] == [0, 0, 3, 5]
+    layers, sens.layers = sens.layers, []  # every layer runs
+    slow = {n: sens(n, noisy[n]) for n in names}
+    assert fast == slow and all(v > 0 for v in fast.values())
+    assert all("forward" not in vars(layer) for _, layer in layers)  # the layers' own forward is back
+    sens.layers = layers
+    assert sens(names[2], minilm_state[names[2]]) == 0.0
+
+
 def test_sensitivity_allocation_needs_a_measure():
     state = {"dense.weight": np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)}
     with pytest.raises(ValueError, match="sensitivity"):

@@ -184,3 +184,23 @@ def test_grid_beats_the_clustered_default_at_the_same_size(grid3, gobo_default, 
     assert g.agreement >= d.agreement + 0.02  # measured 0.921 against 0.876
     assert g.agreement >= 0.90  # measured 0.921
     assert g.accuracy_delta >= -0.035  # measured -1.3 points (standard error of a difference here: about 1.3)
+
+
+def test_steps_follow_the_measured_gain(minilm_state):
+    """Two tensors of the same shape, one said to reach the output four times as strongly: its
+    relative step is half the other's (c^2 in proportion to n / g), so it gets about one bit
+    more per weight, and the budget still holds."""
+    from gobo.quantizer import quantize_state
+
+    a, b = "encoder.layer.2.attention.self.query.weight", "encoder.layer.2.attention.self.key.weight"
+
+    def sensitivity(name, w):  # output error = gain x relative weight error
+        ref = minilm_state[name].astype(np.float64)
+        return (4.0 if name == a else 1.0) * float(np.sum((ref - w) ** 2) / np.sum(ref**2))
+
+    f = grid.step_factors(minilm_state, [a, b], sensitivity)
+    assert f[a] / f[b] == pytest.approx(0.5, rel=1e-2) and f[a] * f[b] == pytest.approx(1.0, rel=1e-6)
+    cm = quantize_state(minilm_state, [a, b], GoboConfig(codebook="grid", allocate="sensitivity"), sensitivity=sensitivity)
+    bits = {n: cm.quantized[n].bits_per_weight() for n in (a, b)}
+    assert 0.9 <= bits[a] - bits[b] <= 1.1  # measured 1.00
+    assert 2.99 <= _bits_per_weight(cm) <= 3.0

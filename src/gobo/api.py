@@ -97,7 +97,12 @@ def quantize(
         from .calibrate import OutputSensitivity, match_output_means
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sens = OutputSensitivity(src, tokenizer) if calibrated and config.allocate == "sensitivity" else None
+    sens = None
+    if calibrated and config.allocate == "sensitivity":
+        from .methods.grid import SENSITIVITY_SENTENCES
+
+        grid = config.codebook == "grid"  # grids weigh their steps by gains on more, punctuated sentences
+        sens = OutputSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES if grid else 8, punctuation=grid)
     moments = _shared_moments(config, src, tokenizer, names, calibration_texts, cb) if fed_back and act else None
     if moments is not None:  # the outliers' energies are the diagonal of the feedback's moments
         from .feedback import diagonal

@@ -41,6 +41,12 @@ __all__ = ["GRID", "column_scale", "finish", "levels", "quantize", "row_steps", 
 
 #: levels -GRID .. GRID - 1 while coding (codes 0 .. 255); farther weights are outliers
 GRID = 128
+#: allocate="sensitivity": synthetic sentences (with punctuation, at most 32 words) the gains are
+#: measured on. 16 rather than the 8 of the clustered allocation: on all-mpnet-base-v2 at 3 bits
+#: per weight, seeds 1 and 3 of the feedback's sentences, the agreement with FP32 rose from
+#: 95.81% and 95.61% to 96.03% and 95.64%, and the accuracy delta from -0.62 and -0.59 points
+#: to -0.28 and -0.51
+SENSITIVITY_SENTENCES = 16
 #: what an outlier costs at most: its float32 value and its position (uint16 column, or int32)
 OUTLIER_BITS = 64
 #: rows sampled per tensor when the step is searched for (all rows of smaller tensors)
