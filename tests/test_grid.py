@@ -204,3 +204,15 @@ def test_steps_follow_the_measured_gain(minilm_state):
     bits = {n: cm.quantized[n].bits_per_weight() for n in (a, b)}
     assert 0.9 <= bits[a] - bits[b] <= 1.1  # measured 1.00
     assert 2.99 <= _bits_per_weight(cm) <= 3.0
+
+
+def test_a_tensor_that_does_not_reach_the_output_keeps_bounded_steps(minilm_state):
+    names = ["encoder.layer.2.attention.self.query.weight", "encoder.layer.4.attention.self.query.weight", "pooler.dense.weight"]
+
+    def sensitivity(name, w):  # the pooler does not feed the last hidden state
+        ref = minilm_state[name].astype(np.float64)
+        return 0.0 if name.startswith("pooler") else float(np.sum((ref - w) ** 2) / np.sum(ref**2))
+
+    f = grid.step_factors(minilm_state, names, sensitivity)
+    assert f["pooler.dense.weight"] == grid.MAX_FACTOR  # about 2 bits fewer than the middle, not none
+    assert all(1 / grid.MAX_FACTOR <= v <= grid.MAX_FACTOR for v in f.values())

@@ -47,6 +47,9 @@ GRID = 128
 #: 95.81% and 95.61% to 96.03% and 95.64%, and the accuracy delta from -0.62 and -0.59 points
 #: to -0.28 and -0.51
 SENSITIVITY_SENTENCES = 16
+#: allocate="sensitivity": no tensor's relative step is more than this many times the geometric
+#: mean of all tensors' steps, nor less than its inverse
+MAX_FACTOR = 4.0
 #: what an outlier costs at most: its float32 value and its position (uint16 column, or int32)
 OUTLIER_BITS = 64
 #: rows sampled per tensor when the step is searched for (all rows of smaller tensors)
@@ -193,7 +196,8 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     relative output error per unit of relative weight error (``sensitivity``, on synthetic
     sentences, :class:`gobo.calibrate.OutputSensitivity`) with the tensor rounded to its grid
     at relative step ``probe``. The output error ``sum g_t c_t^2 / 12`` at a fixed size
-    ``sum n_t (h_t - log2 c_t)`` is least when ``c_t^2`` is proportional to ``n_t / g_t``."""
+    ``sum n_t (h_t - log2 c_t)`` is least when ``c_t^2`` is proportional to ``n_t / g_t``.
+    Bounded to ``[1 / MAX_FACTOR, MAX_FACTOR]``."""
     from .uniform import as_rows
 
     out = {}
@@ -208,7 +212,10 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
         g = float(f"{max(g, 1e-6):.3g}")  # rounded: float noise in the measurement cannot move a step
         out[n] = math.sqrt(w.size / g)
     mean = math.exp(float(np.mean([math.log(v) for v in out.values()])))
-    return {n: v / mean for n, v in out.items()}
+    # bounded: a tensor whose error does not reach the last hidden state (a pooler) may still
+    # feed an output the sentences do not measure; it gets steps at most MAX_FACTOR times the
+    # middle one (about 2 bits fewer), not none
+    return {n: min(max(v / mean, 1 / MAX_FACTOR), MAX_FACTOR) for n, v in out.items()}
 
 
 def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, moments: tuple | None = None,
