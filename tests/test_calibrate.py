@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gobo.calibrate import OutputSensitivity, match_output_means, synthetic_batch
+from gobo.calibrate import JacobianSensitivity, OutputSensitivity, match_output_means, synthetic_batch
 from gobo.config import GoboConfig, config_from_json, config_to_json
 from gobo.quantizer import quantize_state, select
 
@@ -80,6 +80,32 @@ def test_output_sensitivity_reuses_the_layers_before_the_tensor_exactly(minilm_f
     assert all("forward" not in vars(layer) for _, layer in layers)  # the layers' own forward is back
     sens.layers = layers
     assert sens(names[2], minilm_state[names[2]]) == 0.0
+
+
+def test_jacobian_sensitivity_matches_the_measured_error_of_small_changes(minilm_fp32, minilm_state, tokenizer):
+    """The first-order estimate from one forward and a few backward passes agrees with the
+    error measured by running the model, for changes small enough to be linear; it leaves
+    the model as it was (values and requires_grad)."""
+    before = {k: v.detach().clone() for k, v in minilm_fp32.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in minilm_fp32.named_parameters()}
+    jac = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=8, punctuation=True, probes=8)
+    assert all(torch.equal(v, before[k]) for k, v in minilm_fp32.state_dict().items())
+    assert {n: p.requires_grad for n, p in minilm_fp32.named_parameters()} == grads
+    run = OutputSensitivity(minilm_fp32, tokenizer, n_seqs=8, punctuation=True)
+    rng = np.random.default_rng(2)
+    names = ["embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight",
+             "encoder.layer.2.attention.self.value.weight", "encoder.layer.4.intermediate.dense.weight",
+             "encoder.layer.5.output.dense.weight"]
+    ratios = []
+    for n in names:
+        w = minilm_state[n]
+        noisy = w + np.float32(0.02) * w.std() * rng.standard_normal(w.shape).astype(np.float32)
+        ratios.append(jac(n, noisy) / run(n, noisy))
+    assert all(0.75 < r < 1.33 for r in ratios), ratios
+    assert jac(names[1], minilm_state[names[1]]) == 0.0
+    assert jac("pooler.dense.weight", np.zeros_like(minilm_state["pooler.dense.weight"])) == 0.0
+    again = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=8, punctuation=True, probes=8)
+    assert jac(names[2], minilm_state[names[2]] * 1.01) == again(names[2], minilm_state[names[2]] * 1.01)
 
 
 def test_sensitivity_allocation_needs_a_measure():

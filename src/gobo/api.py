@@ -94,15 +94,18 @@ def quantize(
     if calibrated or fed_back or act:  # model passes over sentences: synthetic ones come from the model's own tokenizer
         from transformers import AutoTokenizer
 
-        from .calibrate import OutputSensitivity, match_output_means
+        from .calibrate import JacobianSensitivity, OutputSensitivity, match_output_means
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sens = None
     if calibrated and config.allocate == "sensitivity":
-        from .methods.grid import SENSITIVITY_SENTENCES
+        from .methods.grid import SENSITIVITY_PROBES, SENSITIVITY_SENTENCES
 
-        grid = config.codebook == "grid"  # grids weigh their steps by gains on more, punctuated sentences
-        sens = OutputSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES if grid else 8, punctuation=grid)
+        if config.codebook == "grid":  # grids weigh their steps by first-order gains on more, punctuated sentences
+            sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, punctuation=True,
+                                       probes=SENSITIVITY_PROBES)
+        else:
+            sens = OutputSensitivity(src, tokenizer, n_seqs=8)
     moments = _shared_moments(config, src, tokenizer, names, calibration_texts, cb) if fed_back and act else None
     if moments is not None:  # the outliers' energies are the diagonal of the feedback's moments
         from .feedback import diagonal

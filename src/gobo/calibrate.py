@@ -9,7 +9,9 @@ from the first common word ("the") give sequences whose token statistics resembl
 For one tensor, :class:`OutputSensitivity` puts its quantized version in the model, runs
 the synthetic batch and measures the relative squared error of the last hidden state
 (real tokens only). Divided by the tensor's own relative weight error this is a gain:
-how strongly that tensor's error is amplified (or damped) on its way to the output. The
+how strongly that tensor's error is amplified (or damped) on its way to the output.
+:class:`JacobianSensitivity` estimates the same error to first order for every tensor from
+one forward and a few backward passes, without the noise of one particular rounding. The
 size-aware allocation treats every tensor alike; the sensitivity-aware one weighs each
 tensor's error by its gain, which moves bits from tensors whose errors vanish (attention
 keys and queries, an unused pooler) to those whose errors reach the embedding (values,
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["OutputSensitivity", "match_output_means", "synthetic_batch"]
+__all__ = ["JacobianSensitivity", "OutputSensitivity", "match_output_means", "synthetic_batch"]
 
 #: Zipf exponent of the token-rank law (about 1 for natural text)
 ZIPF_EXPONENT = 1.0
@@ -157,6 +159,59 @@ class OutputSensitivity:
             with torch.no_grad():
                 p.copy_(keep)
         return err / max(self.energy, 1e-300)
+
+
+class JacobianSensitivity:
+    """The first-order estimate of :class:`OutputSensitivity`, for every tensor from one pass.
+
+    For a small change ``d`` of a weight tensor the last hidden state moves by ``J d``
+    (``J`` the Jacobian of the hidden state with respect to the tensor), and for errors that
+    are independent across weights ``E |J d|^2 = sum_i d_i^2 |J_i|^2`` (``J_i`` the column of
+    weight ``i``). For a random output direction ``v`` with independent standard normal
+    entries the gradient of ``v . h`` is ``J^T v``, and ``E (J^T v)_i^2 = |J_i|^2`` exactly
+    (Hutchinson's identity), so ``probes`` backward passes give every weight's ``|J_i|^2``
+    for every tensor at once. ``__call__(name, w)`` then returns ``sum_i (w_i - w0_i)^2
+    |J_i|^2 / |h|^2`` for the synthetic batch (real tokens only): one forward and
+    ``probes`` backward passes in all, where :class:`OutputSensitivity` runs the model once
+    per tensor. ``model`` is left unchanged.
+    """
+
+    def __init__(self, model, tokenizer, n_seqs: int = 8, max_len: int = 32, seed: int = 0, punctuation: bool = False,
+                 probes: int = 4) -> None:
+        import torch
+
+        ids, mask = synthetic_batch(tokenizer, n_seqs, max_len, seed, punctuation=punctuation)
+        params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+        self.params = params
+        was = {n: p.requires_grad for n, p in params.items()}
+        gen = torch.Generator().manual_seed(seed)
+        self.column = {n: torch.zeros_like(p) for n, p in params.items()}
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                h = model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+                self.energy = float(torch.sum(h.detach().double() ** 2))
+                names = list(params)
+                for i in range(probes):
+                    v = torch.randn(h.shape, generator=gen, dtype=h.dtype)
+                    grads = torch.autograd.grad(h, [params[n] for n in names], grad_outputs=v,
+                                                retain_graph=i < probes - 1, allow_unused=True)
+                    for n, g in zip(names, grads):
+                        if g is not None:
+                            self.column[n] += g.detach() ** 2
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(was[n])
+        for col in self.column.values():
+            col /= probes
+
+    def __call__(self, name: str, weight: np.ndarray) -> float:
+        import torch
+
+        p = self.params[name].detach()
+        d = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).reshape(p.shape) - p
+        return float(torch.sum(d.double() ** 2 * self.column[name].double())) / max(self.energy, 1e-300)
 
 
 def _layer_stack(model) -> list[tuple[str, object]]:

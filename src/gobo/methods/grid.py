@@ -47,6 +47,9 @@ GRID = 128
 #: 95.81% and 95.61% to 96.03% and 95.64%, and the accuracy delta from -0.62 and -0.59 points
 #: to -0.28 and -0.51
 SENSITIVITY_SENTENCES = 16
+#: allocate="sensitivity": random output directions of the first-order gains
+#: (:class:`gobo.calibrate.JacobianSensitivity`)
+SENSITIVITY_PROBES = 8
 #: allocate="sensitivity": no tensor's relative step is more than this many times the geometric
 #: mean of all tensors' steps, nor less than its inverse
 MAX_FACTOR = 4.0
@@ -194,8 +197,8 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     """``allocate="sensitivity"``: each tensor's step relative to the others',
     ``sqrt(n_t / g_t)`` (geometric mean 1), ``n_t`` its weights and ``g_t`` its gain, the
     relative output error per unit of relative weight error (``sensitivity``, on synthetic
-    sentences, :class:`gobo.calibrate.OutputSensitivity`) with the tensor rounded to its grid
-    at relative step ``probe``. The output error ``sum g_t c_t^2 / 12`` at a fixed size
+    sentences: :class:`gobo.calibrate.JacobianSensitivity` in :func:`gobo.quantize`) with the
+    tensor rounded to its grid at relative step ``probe``. The output error ``sum g_t c_t^2 / 12`` at a fixed size
     ``sum n_t (h_t - log2 c_t)`` is least when ``c_t^2`` is proportional to ``n_t / g_t``.
     Bounded to ``[1 / MAX_FACTOR, MAX_FACTOR]``."""
     from .uniform import as_rows
