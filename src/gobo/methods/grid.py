@@ -48,8 +48,10 @@ GRID = 128
 #: to -0.28 and -0.51
 SENSITIVITY_SENTENCES = 16
 #: allocate="sensitivity": random output directions of the first-order gains
-#: (:class:`gobo.calibrate.JacobianSensitivity`)
-SENSITIVITY_PROBES = 8
+#: (:class:`gobo.calibrate.JacobianSensitivity`). More buy little: on all-mpnet-base-v2 the
+#: tensors' steps from 2 directions differ from those from 8 by 2.3% (rms; 1 direction: 3.4%),
+#: less than another seed of the sentences moves them (4.7%), at a quarter of the backward passes
+SENSITIVITY_PROBES = 2
 #: allocate="sensitivity": no tensor's relative step is more than this many times the geometric
 #: mean of all tensors' steps, nor less than its inverse
 MAX_FACTOR = 4.0
