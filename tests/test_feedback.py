@@ -127,6 +127,34 @@ def test_compiled_feedback_gives_the_reference_codes(minilm_state, minilm_fp32, 
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("kind", ["grid", "uneven"])
+def test_compiled_feedback_with_wide_codebooks_gives_the_reference_codes(minilm_state, minilm_fp32, tokenizer, snippets, kind):
+    """Codebooks of more than 16 centroids: the compiled routine guesses each code from the
+    spacing of the ends (exact on a grid) and checks it; uneven ones fall back to bisection.
+    Either way, the codes of the torch reference."""
+    from gobo.methods import grid
+    from gobo.qtensor import QuantizedTensor
+
+    w = minilm_state[LAYER][:48].copy()
+    h = _moments(minilm_fp32, tokenizer, snippets[:16], LAYER)
+    if kind == "grid":  # error feedback's grids: 256 levels a row, some weights beyond them
+        steps = grid.row_steps(w, 0.05)
+        qt = grid.coding_form(w, steps, None, w.shape)
+        assert qt.outlier_index.size > 0
+    else:  # 32 centroids a row, unevenly spaced, no outliers
+        rng = np.random.default_rng(0)
+        cb = np.sort(rng.standard_normal((w.shape[0], 32)), axis=1).astype(np.float32) * w.std()
+        qt = QuantizedTensor.from_codes(np.zeros(w.size, np.uint8), shape=w.shape, bits=5, codebook=cb, group_rows=1,
+                                        outlier_index=np.zeros(0, np.int64), outlier_value=np.zeros(0, np.float32),
+                                        method="gobo")
+    for damp in (0.01, 1.0):
+        fast = feedback.requantize(qt, w, h, damp=damp)
+        ref = _reference_requantize(qt, w, h, damp)
+        assert np.array_equal(fast.codes, ref.codes)
+        np.testing.assert_allclose(fast.outlier_value, ref.outlier_value, rtol=0, atol=1e-6)
+    assert len(np.unique(fast.unpacked_codes())) > 16  # the wide codebook is used, not its first centroids
+
+
 def test_apply_feeds_linears_back_side_by_side_with_the_codes_of_one_at_a_time(minilm_fp32, minilm_state, tokenizer, snippets):
     """apply() feeds the Linears back two at a time with one-threaded products: the codes are
     those of each Linear fed back on its own, whatever torch's thread count, which it puts back."""
