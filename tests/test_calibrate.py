@@ -108,6 +108,21 @@ def test_jacobian_sensitivity_matches_the_measured_error_of_small_changes(minilm
     assert jac(names[2], minilm_state[names[2]] * 1.01) == again(names[2], minilm_state[names[2]] * 1.01)
 
 
+def test_grid_steps_from_first_order_gains_summed_in_parts_are_those_of_the_whole_tensors(minilm_fp32, minilm_state,
+                                                                                          tokenizer):
+    """grid.step_factors sums a JacobianSensitivity's weighted errors a few rows at a time
+    (its columns_of); the steps are those of calling it on each whole rounded tensor."""
+    from gobo.methods import grid
+
+    jac = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=4, punctuation=True, probes=1)
+    names = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+             "encoder.layer.0.attention.self.query.weight", "encoder.layer.3.output.dense.weight", "pooler.dense.weight"]
+    parts = grid.step_factors(minilm_state, names, jac)
+    whole = grid.step_factors(minilm_state, names, lambda n, w: jac(n, w))
+    assert parts == whole
+    assert len(set(parts.values())) == len(names)  # the gains differ, so the comparison says something
+
+
 def test_sensitivity_allocation_needs_a_measure():
     state = {"dense.weight": np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)}
     with pytest.raises(ValueError, match="sensitivity"):

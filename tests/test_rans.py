@@ -36,6 +36,9 @@ def test_round_trip_over_awkward_sizes_and_alphabets(n, nsym):
     freq = rans.model(codes, nsym)
     stream = rans.encode(codes, freq)
     np.testing.assert_array_equal(rans.decode(stream, freq, n), codes)
+    both = rans.encode_modelled(codes, nsym)  # counted once: the same model and stream
+    np.testing.assert_array_equal(both[1], freq)
+    np.testing.assert_array_equal(both[0], stream)
     if n <= 65_537:  # the numpy coder steps all lanes at once: still fine at this size
         np.testing.assert_array_equal(rans.encode_reference(codes, freq), stream)
         np.testing.assert_array_equal(rans.decode_reference(stream, freq, n), codes)

@@ -206,6 +206,11 @@ class JacobianSensitivity:
         for col in self.column.values():
             col /= probes
 
+    def columns_of(self, name: str) -> np.ndarray:
+        """``|J_i|^2`` of every weight of tensor ``name`` (float32, the tensor's shape): what
+        :meth:`__call__` weighs the squared changes with, for callers that sum them in parts."""
+        return self.column[name].numpy()
+
     def __call__(self, name: str, weight: np.ndarray) -> float:
         import torch
 

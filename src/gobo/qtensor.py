@@ -164,9 +164,7 @@ class QuantizedTensor:
         if self._stream is None:
             from . import rans
 
-            codes = self.unpacked_codes()
-            freq = rans.model(codes, 1 << self.bits)
-            self._stream = (rans.encode(codes, freq), freq)
+            self._stream = rans.encode_modelled(self.unpacked_codes(), 1 << self.bits)
         return self._stream
 
     def nbytes(self) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PROB_BITS", "decode", "encode", "lanes_for", "model", "nbytes"]
+__all__ = ["PROB_BITS", "decode", "encode", "encode_modelled", "lanes_for", "model", "nbytes"]
 
 PROB_BITS = 14
 M = 1 << PROB_BITS
@@ -56,7 +56,11 @@ def model(codes: np.ndarray, nsym: int) -> np.ndarray:
     Each count is scaled and rounded; the rounding's surplus or shortfall is then taken from
     or given to the most frequent values, one unit each, largest first (ties: the lower
     value), never below 1. Deterministic."""
-    counts = np.bincount(np.asarray(codes).reshape(-1), minlength=nsym).astype(np.int64)
+    return _model(np.bincount(np.asarray(codes).reshape(-1), minlength=nsym).astype(np.int64), nsym)
+
+
+def _model(counts: np.ndarray, nsym: int) -> np.ndarray:
+    """:func:`model` from the counts of the codes' values."""
     if counts.size > nsym:
         raise ValueError(f"a code is not below {nsym}")
     if nsym > M:
@@ -110,6 +114,18 @@ def encode(codes: np.ndarray, freq: np.ndarray) -> np.ndarray:
     if nat is not None:
         return nat.rans_encode(codes, np.asarray(freq), lanes_for(codes.size))
     return encode_reference(codes, freq)
+
+
+def encode_modelled(codes: np.ndarray, nsym: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(stream, freq)``: ``codes`` (uint8, integers below ``nsym``) under their own static
+    model (:func:`model`), counted once: every value that occurs has a frequency, so
+    :func:`encode`'s check is not needed."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    freq = _model(np.bincount(codes, minlength=nsym).astype(np.int64), nsym)
+    nat = _native() if codes.size >= _NATIVE_MIN else None
+    if nat is not None:
+        return nat.rans_encode(codes, freq, lanes_for(codes.size)), freq
+    return encode_reference(codes, freq), freq
 
 
 def decode(stream: np.ndarray, freq: np.ndarray, n: int) -> np.ndarray:

@@ -77,9 +77,10 @@ def _spread(w2: np.ndarray) -> np.ndarray:
     return sd
 
 
-def row_steps(w2: np.ndarray, c: float) -> np.ndarray:
-    """float16 step of each row of ``w2`` (rows x cols) at relative step ``c``."""
-    return _f16(c * _spread(w2))
+def row_steps(w2: np.ndarray, c: float, spread: np.ndarray | None = None) -> np.ndarray:
+    """float16 step of each row of ``w2`` (rows x cols) at relative step ``c``; ``spread``:
+    its rows' :func:`_spread`, when already known."""
+    return _f16(c * (_spread(w2) if spread is None else spread))
 
 
 def column_scale(h, damp: float) -> np.ndarray:
@@ -128,12 +129,11 @@ class _Sample:
     """Rows of one tensor, divided by their own spread (and its column scale), for the step
     search: the code entropy at relative step ``c`` is estimated on them."""
 
-    def __init__(self, w2: np.ndarray, scaled: bool) -> None:
+    def __init__(self, w2: np.ndarray, scaled: bool, spread: np.ndarray) -> None:
         rows, cols = w2.shape
         take = max(1, min(rows, _SAMPLE // max(cols, 1)))
         pick = np.linspace(0, rows - 1, take).round().astype(np.int64)
-        z = w2[pick]
-        self.z = (z / _spread(z)[:, None]).astype(np.float32)
+        self.z = (w2[pick] / spread[pick][:, None]).astype(np.float32)
         self.n, self.rows, self.cols, self.scaled = rows * cols, rows, cols, scaled
 
     def bits(self, c: float) -> float:
@@ -205,15 +205,28 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     Bounded to ``[1 / MAX_FACTOR, MAX_FACTOR]``."""
     from .uniform import as_rows
 
+    columns = getattr(sensitivity, "columns_of", None)  # first-order gains: summed here, rows at a time
     out = {}
     for n in names:
         w32, w = as_rows(state[n])
-        steps = row_steps(w, probe)
-        codes, beyond = levels(w, steps)
-        q = (codes.astype(np.float32) - GRID) * steps.astype(np.float32)[:, None]
-        q[beyond] = w[beyond]
-        err = float(np.sum((w.astype(np.float64) - q) ** 2)) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-300)
-        g = sensitivity(n, q.reshape(w32.shape)) / err if err > 0 else 0.0
+        if columns is None:
+            steps = row_steps(w, probe)
+            q = _rounded(w, steps)
+            err = float(np.sum((w.astype(np.float64) - q) ** 2)) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-300)
+            g = sensitivity(n, q.reshape(w32.shape)) / err if err > 0 else 0.0
+        else:
+            col = columns(n).reshape(w.shape)
+            d2w = [0.0, 0.0, 0.0]  # sum of d^2, of w^2, of d^2 |J|^2
+            step = max(1, _SAMPLE // w.shape[1])
+            for r in range(0, w.shape[0], step):  # the same products as the whole tensor's, in cache
+                wr = w[r : r + step]
+                d = wr.astype(np.float64) - _rounded(wr, row_steps(wr, probe))
+                d *= d
+                d2w[0] += float(d.sum())
+                d2w[1] += float(np.square(wr, dtype=np.float64).sum())
+                d2w[2] += float(np.dot(d.reshape(-1), col[r : r + step].reshape(-1).astype(np.float64)))
+            err = d2w[0] / max(d2w[1], 1e-300)
+            g = d2w[2] / max(sensitivity.energy, 1e-300) / err if err > 0 else 0.0
         g = float(f"{max(g, 1e-6):.3g}")  # rounded: float noise in the measurement cannot move a step
         out[n] = math.sqrt(w.size / g)
     mean = math.exp(float(np.mean([math.log(v) for v in out.values()])))
@@ -221,6 +234,14 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     # feed an output the sentences do not measure; it gets steps at most MAX_FACTOR times the
     # middle one (about 2 bits fewer), not none
     return {n: min(max(v / mean, 1 / MAX_FACTOR), MAX_FACTOR) for n, v in out.items()}
+
+
+def _rounded(w2: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """``w2`` rounded to its rows' grids (float32), the weights beyond them kept."""
+    codes, beyond = levels(w2, steps)
+    q = (codes.astype(np.float32) - GRID) * steps.astype(np.float32)[:, None]
+    q[beyond] = w2[beyond]
+    return q
 
 
 def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, moments: tuple | None = None,
@@ -255,14 +276,15 @@ def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, mome
     total = sum(w2[n].size for n in names)
     budget = target * total
     m = {n: 1.0 if factors is None else float(factors[n]) for n in names}
-    samples = {n: _Sample(w2[n], n in fed) for n in names}
+    spread = {n: _spread(w2[n]) for n in names}  # each row's, once: the steps at every c are multiples of it
+    samples = {n: _Sample(w2[n], n in fed, spread[n]) for n in names}
     c = _solve(lambda c: sum(samples[n].bits(c * m[n]) for n in names), budget)
     out: dict = {}
     steps: dict[str, np.ndarray] = {}
     if fed:
         coding = {}
         for n in fed:
-            steps[n] = row_steps(w2[n], c * m[n])
+            steps[n] = row_steps(w2[n], c * m[n], spread[n])
             coding[n] = coding_form(w2[n], steps[n], scales[shared.get(n, n)], tuple(np.shape(state[n])))
         done = feed(coding) if feed is not None else coding
         for n in fed:
@@ -275,7 +297,7 @@ def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, mome
         n_rest = sum(w2[n].size for n in rest)
         for _ in range(4):  # the samples' estimate, corrected on the exact sizes while they exceed the budget
             for n in rest:
-                steps[n] = row_steps(w2[n], c_rest * m[n])
+                steps[n] = row_steps(w2[n], c_rest * m[n], spread[n])
                 out[n] = finish(coding_form(w2[n], steps[n], None, tuple(np.shape(state[n]))), steps[n])
             excess = sum(tensor_bits(out[n]) for n in rest) - left
             if excess <= 0:
