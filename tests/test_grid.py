@@ -118,6 +118,31 @@ def test_column_scale_feeds_back_the_scaled_weights_under_the_scaled_moments(min
     np.testing.assert_array_equal(scaled.dequantize(), plain.dequantize() * s.astype(np.float32))
 
 
+def test_scaled_linears_of_different_widths_reading_one_input_are_each_scaled_once(minilm_fp32, tokenizer, minilm_state):
+    """A query at 8-bit codes and a key at 4-bit ones, both with the column scale of their
+    input: fed back together they get the codes each gets on its own (the weights divided
+    by the scale once, not once more for each width)."""
+    from gobo.qtensor import QuantizedTensor
+
+    names = ["encoder.layer.1.attention.self.query.weight", "encoder.layer.1.attention.self.key.weight"]
+    ids, mask = feedback.calibration_batch(tokenizer, None, 16, seed=0, punctuation=True)
+    h = feedback.input_moments(minilm_fp32, ids, mask, names[:1])[names[0]]
+    s = grid.column_scale(h, 1.0)
+    ws = [np.asarray(minilm_state[n], np.float32) for n in names]
+    w2 = [w / s.astype(np.float32) for w in ws]
+    steps = [grid.row_steps(w, 0.5) for w in w2]
+    wide = grid.coding_form(w2[0], steps[0], s, ws[0].shape)
+    cb = (np.arange(16, dtype=np.float32) - 8)[None, :] * steps[1].astype(np.float32)[:, None] * 4
+    narrow = QuantizedTensor.from_codes(np.zeros(ws[1].size, np.uint8), shape=ws[1].shape, bits=4, codebook=cb, group_rows=1,
+                                        outlier_index=np.zeros(0, np.int64), outlier_value=np.zeros(0, np.float32),
+                                        col_scale=s, method="gobo")
+    together = feedback.requantize_group([wide, narrow], ws, h, damp=1.0)
+    alone = [feedback.requantize(qt, w, h, damp=1.0) for qt, w in zip((wide, narrow), ws)]
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a.codes, b.codes)
+    assert len(np.unique(together[1].unpacked_codes())) > 4
+
+
 def test_column_scales_lower_the_fed_back_error(minilm_fp32, tokenizer, minilm_state):
     """Each column's step by what its error still costs after the feedback (the LDL diagonal):
     the output error falls at about the same size, on every Linear of a layer."""

@@ -350,7 +350,7 @@ def _factor_transposed(h, damp: float, scale: float | None = None):
     perm = torch.argsort(d, descending=True, stable=True)
     rev = perm.flip(0)
     for dtype in (torch.float32, torch.float64):  # float32 unless it fails
-        Hd = H.to(dtype)[rev][:, rev]
+        Hd = H.to(dtype)[rev[:, None], rev]  # one gather
         Hd.diagonal().copy_(d[rev]).add_(damp * (float(torch.mean(d)) if scale is None else scale))
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
@@ -553,12 +553,12 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
     if any((qt.col_scale is None) != (scale is None) or (scale is not None and not np.array_equal(qt.col_scale, scale))
            for qt in qts):
         raise ValueError("Linears fed back together must share their column scale")
+    if len({qt.bits for qt in qts}) != 1:  # one codebook width per compiled call (each scaled on its own)
+        return [requantize_group([qt], [w], h, damp, block)[0] for qt, w in zip(qts, weights)]
     if scale is not None:  # W = W' diag(s): W' is coded under the moments of the scaled inputs x s
         s32 = scale.astype(np.float32)
         weights = [np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols) / s32 for qt, w in zip(qts, weights)]
         h = scaled_moments(h, s32)
-    if len({qt.bits for qt in qts}) != 1:  # one codebook width per compiled call
-        return [requantize_group([qt], [w], h, damp, block)[0] for qt, w in zip(qts, weights)]
     cbs, masks, ws = [], [], []
     for qt, w in zip(qts, weights):
         cbs.append(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[: qt.rows].astype(np.float64))
