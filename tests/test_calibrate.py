@@ -121,6 +121,10 @@ def test_grid_steps_from_first_order_gains_summed_in_parts_are_those_of_the_whol
     whole = grid.step_factors(minilm_state, names, lambda n, w: jac(n, w))
     assert parts == whole
     assert len(set(parts.values())) == len(names)  # the gains differ, so the comparison says something
+    only = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=4, punctuation=True, probes=1, names=names[:3])
+    assert set(only.column) == set(names[:3])  # the tensors left out get no gradient
+    for n in names[:3]:
+        np.testing.assert_array_equal(only.columns_of(n), jac.columns_of(n))
 
 
 def test_sensitivity_allocation_needs_a_measure():

@@ -103,7 +103,7 @@ def quantize(
 
         if config.codebook == "grid":  # grids weigh their steps by first-order gains on more, punctuated sentences
             sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, punctuation=True,
-                                       probes=SENSITIVITY_PROBES)
+                                       probes=SENSITIVITY_PROBES, names=names)
         else:
             sens = OutputSensitivity(src, tokenizer, n_seqs=8)
     moments = _shared_moments(config, src, tokenizer, names, calibration_texts, cb) if fed_back and act else None

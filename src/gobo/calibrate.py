@@ -20,6 +20,8 @@ feed-forward layers).
 
 from __future__ import annotations
 
+from typing import Collection
+
 import numpy as np
 
 __all__ = ["JacobianSensitivity", "OutputSensitivity", "match_output_means", "synthetic_batch"]
@@ -173,15 +175,19 @@ class JacobianSensitivity:
     for every tensor at once. ``__call__(name, w)`` then returns ``sum_i (w_i - w0_i)^2
     |J_i|^2 / |h|^2`` for the synthetic batch (real tokens only): one forward and
     ``probes`` backward passes in all, where :class:`OutputSensitivity` runs the model once
-    per tensor. ``model`` is left unchanged.
+    per tensor. ``model`` is left unchanged. ``names``: the tensors to measure (None: every
+    weight of two or more dimensions); the others get no gradient. 2 ``probes`` (the
+    default) put each tensor's gain within a few percent of what more would give
+    (:data:`gobo.methods.grid.SENSITIVITY_PROBES`).
     """
 
     def __init__(self, model, tokenizer, n_seqs: int = 8, max_len: int = 32, seed: int = 0, punctuation: bool = False,
-                 probes: int = 4) -> None:
+                 probes: int = 2, names: Collection[str] | None = None) -> None:
         import torch
 
         ids, mask = synthetic_batch(tokenizer, n_seqs, max_len, seed, punctuation=punctuation)
-        params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+        keep = None if names is None else set(names)
+        params = {n: p for n, p in model.named_parameters() if p.dim() >= 2 and (keep is None or n in keep)}
         self.params = params
         was = {n: p.requires_grad for n, p in params.items()}
         gen = torch.Generator().manual_seed(seed)
