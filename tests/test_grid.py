@@ -37,6 +37,23 @@ def _bits_per_weight(cm) -> float:
     return 8 * sum(q.nbytes() for q in cm.quantized.values()) / sum(q.numel for q in cm.quantized.values())
 
 
+def test_the_file_does_not_depend_on_the_thread_count(grid3):
+    """The same model and config give the same bytes on any machine: quantized on one torch
+    thread, the file is the one made on the default count (two or more; three where the
+    default is one). The column scales' factorisations once rounded by the thread count."""
+    cm, _ = grid3
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 3)
+    try:
+        other = gobo.quantize("minilm-l6", FED)
+    finally:
+        torch.set_num_threads(before)
+    assert set(other.quantized) == set(cm.quantized)
+    for n, qt in cm.quantized.items():
+        for k, a in qt.to_tensors().items():
+            np.testing.assert_array_equal(other.quantized[n].to_tensors()[k], a, err_msg=f"{n} {k}")
+
+
 def test_the_file_spends_the_bits_asked_for(grid3):
     cm, out = grid3
     assert 2.99 <= _bits_per_weight(cm) <= 3.0  # measured 2.9993, all in: streams, models, steps, scales

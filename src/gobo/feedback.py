@@ -19,6 +19,7 @@ agreement instead of 91.8% on all-mpnet-base-v2).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from typing import Callable, Collection, Sequence
@@ -29,7 +30,7 @@ from .qtensor import QuantizedTensor
 
 __all__ = ["BATCH", "CALIBRATION_DTYPES", "CALIBRATION_STEP", "DAMP", "GroupedMoments", "apply", "calibration_batch", "diagonal",
            "error_feedback", "fast_dtype", "feedback_rows", "input_energy", "input_moments", "ldl_diagonal", "linear_weights",
-           "moments_factor", "requantize", "requantize_group", "scaled_moments", "texts_sha256"]
+           "moments_factor", "one_per_thread", "requantize", "requantize_group", "scaled_moments", "texts_sha256"]
 
 #: diagonal damping, as a fraction of the mean diagonal of H (``GoboConfig.feedback_damp``
 #: sets it for gobo.quantize, 0.1 by default: moments of synthetic sentences are only an
@@ -674,6 +675,25 @@ def ldl_diagonal(h, damp: float) -> np.ndarray:
     return out
 
 
+@contextlib.contextmanager
+def one_per_thread():
+    """A pool of as many threads as torch uses, with torch set to one thread while it runs
+    (put back after): for independent pieces of work (a Linear's feedback, the factorisation
+    of one input's moments), each one-threaded, side by side. No thread waits for another,
+    and each result is the same whatever the number of threads: a factorisation run on
+    several threads can round differently from one run on one."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gobo-feedback") as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
 def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,
           damp: float = DAMP, punctuation: bool = False, seed: int = 0, moments: tuple | None = None,
           progress: Callable[[str], None] | None = None, dtype: str = "float32", skip: Collection[str] = (),
@@ -707,22 +727,14 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
     out = {}
     # one-threaded products, one Linear per thread: every step of each (its factorisation and
     # orderings too) runs in parallel, and no thread waits for another between blocks
-    import torch
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gobo-feedback") as pool:
-            done = pool.map(lambda key: requantize_group([quantized[n] for n in groups[key]], [state[n] for n in groups[key]],
-                                                         h[key], damp=damp), list(groups))
-            for names, qts in zip(groups.values(), done):
-                for n, qt in zip(names, qts):
-                    out[n] = qt
-                    if progress is not None:
-                        progress(n)
-    finally:
-        torch.set_num_threads(threads)
+    with one_per_thread() as pool:
+        done = pool.map(lambda key: requantize_group([quantized[n] for n in groups[key]], [state[n] for n in groups[key]],
+                                                     h[key], damp=damp), list(groups))
+        for names, qts in zip(groups.values(), done):
+            for n, qt in zip(names, qts):
+                out[n] = qt
+                if progress is not None:
+                    progress(n)
     if progress is not None:  # Linears skipped or not reached as 3-D inputs (a pooler) keep their codes
         for name in linear_weights(model, [n for n in quantized if n not in h or n in skip]):
             progress(name)

@@ -84,7 +84,9 @@ def row_steps(w2: np.ndarray, c: float, spread: np.ndarray | None = None) -> np.
 
 
 def column_scale(h, damp: float) -> np.ndarray:
-    """float16 ``s_j = D_j^{-1/2}`` of the damped moments ``h`` (geometric mean 1)."""
+    """float16 ``s_j = D_j^{-1/2}`` of the damped moments ``h`` (geometric mean 1). The
+    factorisation rounds by torch's thread count: :func:`quantize` runs it on one thread
+    (:func:`gobo.feedback.one_per_thread`)."""
     from ..feedback import ldl_diagonal
 
     d = ldl_diagonal(h, damp)
@@ -263,11 +265,13 @@ def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, mome
     h, shared = moments if moments is not None else ({}, {})
     fed = [n for n in names if n in fed and shared.get(n, n) in h]
     rest = [n for n in names if n not in fed]
+    keys = list(dict.fromkeys(shared.get(n, n) for n in fed))  # one scale per input (q, k and v share theirs)
     scales: dict[str, np.ndarray] = {}
-    for n in fed:  # one scale per input (q, k and v share theirs)
-        key = shared.get(n, n)
-        if key not in scales:
-            scales[key] = column_scale(h[key], config.feedback_damp)
+    if keys:  # the inputs' factorisations side by side, each on one thread: the same scales on any machine
+        from ..feedback import one_per_thread
+
+        with one_per_thread() as pool:
+            scales = dict(zip(keys, pool.map(lambda k: column_scale(h[k], config.feedback_damp), keys)))
     w2: dict[str, np.ndarray] = {}
     for n in names:
         _, w = as_rows(state[n])
