@@ -110,9 +110,15 @@ def encode(codes: np.ndarray, freq: np.ndarray) -> np.ndarray:
     codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
     if codes.size and (int(codes.max()) >= f.size or not f[np.unique(codes)].all()):
         raise ValueError("a code has no frequency in the entropy model")
+    return _encode(codes, np.asarray(freq))
+
+
+def _encode(codes: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """:func:`encode` of flat uint8 ``codes`` that all have a frequency in ``freq``: the
+    compiled coder for long streams, the numpy one otherwise."""
     nat = _native() if codes.size >= _NATIVE_MIN else None
     if nat is not None:
-        return nat.rans_encode(codes, np.asarray(freq), lanes_for(codes.size))
+        return nat.rans_encode(codes, freq, lanes_for(codes.size))
     return encode_reference(codes, freq)
 
 
@@ -122,10 +128,7 @@ def encode_modelled(codes: np.ndarray, nsym: int) -> tuple[np.ndarray, np.ndarra
     :func:`encode`'s check is not needed."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
     freq = _model(np.bincount(codes, minlength=nsym).astype(np.int64), nsym)
-    nat = _native() if codes.size >= _NATIVE_MIN else None
-    if nat is not None:
-        return nat.rans_encode(codes, freq, lanes_for(codes.size)), freq
-    return encode_reference(codes, freq), freq
+    return _encode(codes, freq), freq
 
 
 def decode(stream: np.ndarray, freq: np.ndarray, n: int) -> np.ndarray:
