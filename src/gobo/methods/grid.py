@@ -207,28 +207,32 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     Bounded to ``[1 / MAX_FACTOR, MAX_FACTOR]``."""
     from .uniform import as_rows
 
-    columns = getattr(sensitivity, "columns_of", None)  # first-order gains: summed here, rows at a time
+    columns = getattr(sensitivity, "columns_of", None)  # first-order gains: weighed here, rows at a time
     out = {}
     for n in names:
         w32, w = as_rows(state[n])
-        if columns is None:
-            steps = row_steps(w, probe)
-            q = _rounded(w, steps)
-            err = float(np.sum((w.astype(np.float64) - q) ** 2)) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-300)
-            g = sensitivity(n, q.reshape(w32.shape)) / err if err > 0 else 0.0
+        col = None if columns is None else columns(n).reshape(w.shape)
+        q = np.empty_like(w) if col is None else None  # the rounded tensor, for a sensitivity that runs it
+        sums = [0.0, 0.0, 0.0]  # of d^2, of w^2, of d^2 |J|^2
+        step = max(1, _SAMPLE // w.shape[1])
+        for r in range(0, w.shape[0], step):  # a few rows at a time, in cache
+            wr = w[r : r + step]
+            qr = _rounded(wr, row_steps(wr, probe))
+            if q is not None:
+                q[r : r + step] = qr
+            d = wr.astype(np.float64) - qr
+            d *= d
+            sums[0] += float(d.sum())
+            sums[1] += float(np.square(wr, dtype=np.float64).sum())
+            if col is not None:
+                sums[2] += float(np.dot(d.reshape(-1), col[r : r + step].reshape(-1).astype(np.float64)))
+        err = sums[0] / max(sums[1], 1e-300)
+        if err <= 0:
+            g = 0.0
+        elif col is not None:
+            g = sums[2] / max(sensitivity.energy, 1e-300) / err
         else:
-            col = columns(n).reshape(w.shape)
-            d2w = [0.0, 0.0, 0.0]  # sum of d^2, of w^2, of d^2 |J|^2
-            step = max(1, _SAMPLE // w.shape[1])
-            for r in range(0, w.shape[0], step):  # the same products as the whole tensor's, in cache
-                wr = w[r : r + step]
-                d = wr.astype(np.float64) - _rounded(wr, row_steps(wr, probe))
-                d *= d
-                d2w[0] += float(d.sum())
-                d2w[1] += float(np.square(wr, dtype=np.float64).sum())
-                d2w[2] += float(np.dot(d.reshape(-1), col[r : r + step].reshape(-1).astype(np.float64)))
-            err = d2w[0] / max(d2w[1], 1e-300)
-            g = d2w[2] / max(sensitivity.energy, 1e-300) / err if err > 0 else 0.0
+            g = sensitivity(n, q.reshape(w32.shape)) / err
         g = float(f"{max(g, 1e-6):.3g}")  # rounded: float noise in the measurement cannot move a step
         out[n] = math.sqrt(w.size / g)
     mean = math.exp(float(np.mean([math.log(v) for v in out.values()])))
