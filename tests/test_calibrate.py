@@ -108,6 +108,43 @@ def test_jacobian_sensitivity_matches_the_measured_error_of_small_changes(minilm
     assert jac(names[2], minilm_state[names[2]] * 1.01) == again(names[2], minilm_state[names[2]] * 1.01)
 
 
+def test_output_moments_give_the_error_of_changes_at_a_tables_output(minilm_fp32, tokenizer):
+    """``output_moments``: changes ``d_t`` made independently at the word table's output, one
+    per real token, move the last hidden state by ``sum_t d_t^T G d_t`` (to first order); the
+    direction LayerNorm removes (all features alike) costs nothing. Measured by running the
+    model with the changes added, signs drawn per token, on the sentences of the estimate."""
+    word = "embeddings.word_embeddings.weight"
+    jac = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=8, punctuation=True, probes=16,
+                              names=[word, "embeddings.position_embeddings.weight"])
+    assert set(jac.output_moments) == {word}  # the positions' output is one vector per position, not per token
+    g = jac.output_moments[word].double()
+    assert torch.equal(g, g.T) and float(torch.linalg.eigvalsh(g)[0]) > -1e-6 * float(g.diagonal().mean())
+    flat = torch.full((g.shape[0],), g.shape[0] ** -0.5, dtype=torch.float64)
+    assert float(flat @ g @ flat) < 1e-4 * float(g.diagonal().mean())  # measured 3e-8 of it
+    ids, mask = synthetic_batch(tokenizer, 8, 32, 0, punctuation=True)
+    real = mask.bool()
+    table = minilm_fp32.embeddings.word_embeddings
+    with torch.no_grad():
+        base = minilm_fp32(input_ids=ids, attention_mask=mask).last_hidden_state[real].double()
+    gen = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(3):
+        u = torch.nn.functional.normalize(torch.randn(g.shape[0], generator=gen, dtype=torch.float64), dim=0)
+        measured = 0.0
+        for _ in range(4):
+            sign = (torch.randint(0, 2, real.shape, generator=gen) * 2 - 1).to(torch.float32) * real
+            change = 0.01 * sign[..., None] * u.to(torch.float32)
+            hook = table.register_forward_hook(lambda mod, inp, out: out + change)
+            try:
+                with torch.no_grad():
+                    h = minilm_fp32(input_ids=ids, attention_mask=mask).last_hidden_state[real].double()
+            finally:
+                hook.remove()
+            measured += float(((h - base) ** 2).sum()) / 4
+        ratios.append(measured / (0.01**2 * int(real.sum()) * float(u @ g @ u)))
+    assert all(0.8 < r < 1.25 for r in ratios), ratios  # measured 0.94 to 0.98
+
+
 def test_grid_steps_from_first_order_gains_summed_in_parts_are_those_of_the_whole_tensors(minilm_fp32, minilm_state,
                                                                                           tokenizer):
     """grid.step_factors sums a JacobianSensitivity's weighted errors a few rows at a time

@@ -179,6 +179,14 @@ class JacobianSensitivity:
     weight of two or more dimensions); the others get no gradient. 2 ``probes`` (the
     default) put each tensor's gain within a few percent of what more would give
     (:data:`gobo.methods.grid.SENSITIVITY_PROBES`).
+
+    The same passes give ``output_moments[name]`` for every measured ``nn.Embedding`` table
+    whose output has a vector per token: ``E[g g^T]`` (float32, dim x dim), ``g`` the
+    gradient of ``v . h`` at the table's output for a real token, over tokens and probes.
+    Its ``(j, k)`` entry is, on average over ``v``, the product of the Jacobian columns of
+    the looked-up vector's entries ``j`` and ``k``: an error ``e`` in a table's row costs
+    ``e^T G e`` at the output wherever the token occurs. For the tables it plays the part
+    the input moments play for a Linear in error feedback (``feedback_embeddings``).
     """
 
     def __init__(self, model, tokenizer, n_seqs: int = 8, max_len: int = 32, seed: int = 0, punctuation: bool = False,
@@ -192,25 +200,41 @@ class JacobianSensitivity:
         was = {n: p.requires_grad for n, p in params.items()}
         gen = torch.Generator().manual_seed(seed)
         self.column = {n: torch.zeros_like(p) for n, p in params.items()}
+        real = mask.bool()
+        tables = {f"{m}.weight": mod for m, mod in model.named_modules()
+                  if isinstance(mod, torch.nn.Embedding) and f"{m}.weight" in params}
+        looked_up: dict = {}  # each table's output, where it has one vector per token of the batch
+        hooks = [mod.register_forward_hook(lambda mod, inp, out, n=n: looked_up.__setitem__(n, out))
+                 for n, mod in tables.items()]
+        sums = {}
         try:
             for p in params.values():
                 p.requires_grad_(True)
             with torch.enable_grad():
-                h = model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+                h = model(input_ids=ids, attention_mask=mask).last_hidden_state[real]
                 self.energy = float(torch.sum(h.detach().double() ** 2))
                 names = list(params)
+                outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)]
                 for i in range(probes):
                     v = torch.randn(h.shape, generator=gen, dtype=h.dtype)
-                    grads = torch.autograd.grad(h, [params[n] for n in names], grad_outputs=v,
-                                                retain_graph=i < probes - 1, allow_unused=True)
+                    grads = torch.autograd.grad(h, [params[n] for n in names] + [looked_up[n] for n in outs],
+                                                grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
                     for n, g in zip(names, grads):
                         if g is not None:
                             self.column[n] += g.detach() ** 2
+                    for n, g in zip(outs, grads[len(names):]):
+                        if g is not None:
+                            g = g[real].double()
+                            sums[n] = sums[n] + g.T @ g if n in sums else g.T @ g
         finally:
+            for hook in hooks:
+                hook.remove()
             for n, p in params.items():
                 p.requires_grad_(was[n])
         for col in self.column.values():
             col /= probes
+        count = probes * int(real.sum())
+        self.output_moments = {n: (g / count).to(torch.float32) for n, g in sums.items() if float(g.trace()) > 0}
 
     def columns_of(self, name: str) -> np.ndarray:
         """``|J_i|^2`` of every weight of tensor ``name`` (float32, the tensor's shape): what
