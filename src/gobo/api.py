@@ -152,6 +152,14 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
         step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
         h = feedback.input_moments(src, ids, mask, sorted(refed), shared=shared, progress=step,
                                    dtype=config.calibration_dtype, group=config.feedback_group)
+        if config.feedback_embeddings:  # the tables, under their output gradients' moments (the gains' passes)
+            table_moments = {n: g for n, g in sensitivity.output_moments.items() if n in names}
+            h.update(table_moments)
+            refed = refed | set(table_moments)
+            if progress is not None:  # tables looked up once for a whole batch (BERT's positions) keep their codes
+                for n in feedback.embedding_tables(src, names):
+                    if n not in table_moments:
+                        progress(n)
         moments = (h, shared)
 
         def feed(coding: dict) -> dict:
@@ -160,7 +168,9 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
             _check_reached(coding, fed)
             return fed
     factors = grid.step_factors(state, names, sensitivity) if config.allocate == "sensitivity" else None
-    quantized, _ = grid.quantize(state, names, config, moments, sorted(refed), feed, progress=progress, factors=factors)
+    tables = feedback.embedding_tables(src, names) if config.feedback_embeddings else []
+    quantized, _ = grid.quantize(state, names, config, moments, sorted(refed), feed, progress=progress, factors=factors,
+                                 measured=tables)
     if progress is not None and moments is not None:  # Linears the sentences did not reach (a pooler): not fed back
         for n in sorted(refed - set(moments[0])):
             progress(n)
@@ -198,10 +208,10 @@ def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -
 def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
     """What error feedback adds to the progress count: its batches of sentences and one step
     per nn.Linear weight."""
-    from .feedback import BATCH, linear_weights
+    from .feedback import BATCH, embedding_tables, linear_weights
 
     n = len(texts) if config.feedback == "texts" else config.feedback_texts
-    return -(-n // BATCH) + len(linear_weights(src, names))
+    return -(-n // BATCH) + len(linear_weights(src, names)) + (len(embedding_tables(src, names)) if config.feedback_embeddings else 0)
 
 
 def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts, progress=None):

@@ -428,7 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model directory, or a bundled model: minilm-l6, mpnet-base")
     q.add_argument("-o", "--output", required=True, help="output directory (must not exist, or be empty, unless --force)")
     q.add_argument("--bits", type=int, default=3, help="bits per weight, 1-8 (default 3)")
-    q.add_argument("--method", default="gobo", choices=["gobo", "gobo-paper", "gobo-grid", "directq", "qbert"], help="gobo (default: data-free improvements), gobo-paper (the paper's recipe), gobo-grid (the most accurate data-free setting: entropy-coded grids, steps weighed by output gain, error feedback on synthetic sentences; slower), directq (uniform per-row), qbert (group-wise uniform, embeddings at 8 bits)")
+    q.add_argument("--method", default="gobo", choices=["gobo", "gobo-paper", "gobo-grid", "directq", "qbert"], help="gobo (default: data-free improvements), gobo-paper (the paper's recipe), gobo-grid (the most accurate data-free setting: entropy-coded grids, steps weighed by output gain, error feedback on synthetic sentences, the embedding tables' under the gradients at their output; slower), directq (uniform per-row), qbert (group-wise uniform, embeddings at 8 bits)")
     q.add_argument("--mixed", metavar="LOW/HIGH", help="qbert only: Hessian-ranked mixed precision per layer, e.g. 2/3 (measures the sensitivity on the training split first)")
     q.add_argument("--avg-bits", type=float, metavar="B", help="gobo or gobo-grid only: mixed precision (gobo-grid, or --codebook grid: grids) spending B bits per weight on average, all included (e.g. 2.5, or 3.5)")
     q.add_argument("--size-mb", type=float, metavar="MB", help="gobo only: mixed precision filling a file of at most MB megabytes")

@@ -77,6 +77,9 @@ class GoboConfig:
     feedback_group: int = 0  # feedback: inputs wider than this many features (0: none) are fed back in groups of
     # about this many, ranked by E[x_j^2], each under its own block of the moments (gobo.feedback.GroupedMoments):
     # 768 cuts a BERT-base feed-forward output's 3072-wide input into four, a quarter of its products
+    feedback_embeddings: bool = False  # codebook="grid" with allocate="sensitivity" and feedback: the embedding
+    # tables' codes chosen by error feedback too, under the moments of the gradient at their output (what an error
+    # in each of their columns costs at the last hidden state, from the gains' backward passes), with column scales
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
@@ -84,7 +87,8 @@ class GoboConfig:
                                                      "act_outliers": 0.0, "act_texts": 64,
                                                      "synthetic": "words", "feedback_damp": 0.01, "synthetic_seed": 0,
                                                      "compact": False, "bits_for": (), "calibration_dtype": "float32",
-                                                     "feedback_exclude": (), "feedback_group": 0}
+                                                     "feedback_exclude": (), "feedback_group": 0,
+                                                     "feedback_embeddings": False}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -156,6 +160,11 @@ class GoboConfig:
             raise ValueError(f"feedback_group must be a non-negative integer (0: no groups), got {self.feedback_group!r}")
         if self.feedback_group and not self.feedback:
             raise ValueError("feedback_group sets how error feedback groups wide inputs, which needs feedback")
+        if not isinstance(self.feedback_embeddings, bool):
+            raise ValueError(f"feedback_embeddings must be True or False, got {self.feedback_embeddings!r}")
+        if self.feedback_embeddings and not (self.codebook == "grid" and self.allocate == "sensitivity" and self.feedback):
+            raise ValueError("feedback_embeddings feeds back the embedding tables under the gradients of the gains' pass, "
+                             "which needs codebook='grid', allocate='sensitivity' and feedback")
         if self.bits_for and self.allocate != "uniform":
             raise ValueError("bits_for sets bits by name, which needs allocate='uniform' (a mixed allocation chooses them itself)")
         if self.layer_omega and self.allocate != "hessian":
@@ -200,10 +209,12 @@ class GoboConfig:
     def grid(cls, bits: int = 3, **kw) -> "GoboConfig":
         """The most accurate data-free setting at a given size (method ``gobo-grid``): grid
         tensors, entropy coded, their steps weighed by their output gain, the Linears' codes
-        chosen by error feedback on 64 synthetic sentences (damping 1), the file spending
-        ``bits`` (or ``average``) per weight all in."""
-        return cls(**{"bits": bits, "codebook": "grid", "allocate": "sensitivity", "feedback": "synthetic", "feedback_texts": 64,
-                      "feedback_damp": 1.0, **kw})
+        chosen by error feedback on 64 synthetic sentences (damping 1), the embedding tables'
+        under the gradients at their output, the file spending ``bits`` (or ``average``) per
+        weight all in."""
+        kw = {"allocate": "sensitivity", "feedback": "synthetic", **kw}
+        kw.setdefault("feedback_embeddings", kw["allocate"] == "sensitivity" and bool(kw["feedback"]))  # where it applies
+        return cls(**{"bits": bits, "codebook": "grid", "feedback_texts": 64, "feedback_damp": 1.0, **kw})
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 from .qtensor import QuantizedTensor
 
 __all__ = ["BATCH", "CALIBRATION_DTYPES", "CALIBRATION_STEP", "DAMP", "GroupedMoments", "apply", "calibration_batch", "diagonal",
-           "error_feedback", "fast_dtype", "feedback_rows", "input_energy", "input_moments", "ldl_diagonal", "linear_weights",
+           "embedding_tables", "error_feedback", "fast_dtype", "feedback_rows", "input_energy", "input_moments", "ldl_diagonal", "linear_weights",
            "moments_factor", "one_per_thread", "requantize", "requantize_group", "scaled_moments", "texts_sha256"]
 
 #: diagonal damping, as a fraction of the mean diagonal of H (``GoboConfig.feedback_damp``
@@ -100,6 +100,14 @@ def linear_weights(model, names: Sequence[str]) -> list[str]:
 
     mods = dict(model.named_modules())
     return [n for n in names if isinstance(mods.get(n.rsplit(".", 1)[0]), torch.nn.Linear)]
+
+
+def embedding_tables(model, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that are the weight of an nn.Embedding of ``model``, in order."""
+    import torch
+
+    mods = dict(model.named_modules())
+    return [n for n in names if isinstance(mods.get(n.rsplit(".", 1)[0]), torch.nn.Embedding)]
 
 
 def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = BATCH,

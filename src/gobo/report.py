@@ -93,7 +93,7 @@ def summarize(cm: CompressedModel, file_path: str | Path | None = None) -> Model
             method = "gobo-grid"
         else:
             method = "gobo" + ("+rows" if c.codebook == "row" else "") + ("+grid" if c.codebook == "grid" else "") \
-                + ("+sensitivity" if c.allocate == "sensitivity" else "") + ("+feedback" if c.feedback else "") \
+                + ("+sensitivity" if c.allocate == "sensitivity" else "") + ("+feedback" if c.feedback else "") + ("+tables" if c.feedback_embeddings else "") \
                 + ("-exclude" if c.feedback_exclude else "") + ("-grouped" if c.feedback_group else "") \
                 + ("+bits-for" if c.bits_for else "") \
                 + ("+compact" if c.compact else "")
