@@ -33,19 +33,32 @@ def grid3(tmp_path_factory):
     return cm, out
 
 
+WORD = "embeddings.word_embeddings.weight"
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    """``gobo-grid`` at 3 bits: gains from the first-order passes, the embedding tables fed back."""
+    calls = []
+    cm = gobo.quantize("minilm-l6", GoboConfig.grid(3), progress=lambda name, total: calls.append((name, total)))
+    out = tmp_path_factory.mktemp("grid-preset") / "model"
+    gobo.save(cm, out)
+    return cm, out, calls
+
+
 def _bits_per_weight(cm) -> float:
     return 8 * sum(q.nbytes() for q in cm.quantized.values()) / sum(q.numel for q in cm.quantized.values())
 
 
-def test_the_file_does_not_depend_on_the_thread_count(grid3):
+def test_the_file_does_not_depend_on_the_thread_count(preset):
     """The same model and config give the same bytes on any machine: quantized on one torch
     thread, the file is the one made on the default count (two or more; three where the
     default is one). The column scales' factorisations once rounded by the thread count."""
-    cm, _ = grid3
+    cm = preset[0]
     before = torch.get_num_threads()
     torch.set_num_threads(1 if before > 1 else 3)
     try:
-        other = gobo.quantize("minilm-l6", FED)
+        other = gobo.quantize("minilm-l6", GoboConfig.grid(3))
     finally:
         torch.set_num_threads(before)
     assert set(other.quantized) == set(cm.quantized)
@@ -265,19 +278,6 @@ def test_a_tensor_that_does_not_reach_the_output_keeps_bounded_steps(minilm_stat
     f = grid.step_factors(minilm_state, names, sensitivity)
     assert f["pooler.dense.weight"] == grid.MAX_FACTOR  # about 2 bits fewer than the middle, not none
     assert all(1 / grid.MAX_FACTOR <= v <= grid.MAX_FACTOR for v in f.values())
-
-
-WORD = "embeddings.word_embeddings.weight"
-
-
-@pytest.fixture(scope="module")
-def preset(tmp_path_factory):
-    """``gobo-grid`` at 3 bits: gains from the first-order passes, the embedding tables fed back."""
-    calls = []
-    cm = gobo.quantize("minilm-l6", GoboConfig.grid(3), progress=lambda name, total: calls.append((name, total)))
-    out = tmp_path_factory.mktemp("grid-preset") / "model"
-    gobo.save(cm, out)
-    return cm, out, calls
 
 
 def test_gobo_grid_feeds_back_the_tables_with_one_vector_per_token(preset):

@@ -320,11 +320,17 @@ def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, mome
     samples = {n: _Sample(w2[n], n in fed, spread[n]) for n in names}
     c = _solve(lambda c: sum(samples[n].bits(c * m[n]) for n in names), budget)
     probed = [n for n in fed if n in measured]
-    if probed:
-        for n in probed:
-            _, w = as_rows(state[n])
-            samples[n].added = _fed_excess(samples[n], w2[n], w, spread[n], scales[shared.get(n, n)], h[shared.get(n, n)],
-                                           config.feedback_damp, c * m[n])
+    if probed:  # side by side, one thread each (the factorisations): the same excess on any machine
+        from ..feedback import one_per_thread
+
+        def excess(n: str) -> float:
+            key = shared.get(n, n)
+            return _fed_excess(samples[n], w2[n], as_rows(state[n])[1], spread[n], scales[key], h[key],
+                               config.feedback_damp, c * m[n])
+
+        with one_per_thread() as pool:
+            for n, added in zip(probed, pool.map(excess, probed)):
+                samples[n].added = added
         c = _solve(lambda c: sum(samples[n].bits(c * m[n]) for n in names), budget)
     out: dict = {}
     steps: dict[str, np.ndarray] = {}
