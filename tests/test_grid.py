@@ -295,6 +295,23 @@ def test_gobo_grid_feeds_back_the_tables_with_one_vector_per_token(preset):
     np.testing.assert_array_equal(again.quantized[WORD].dequantize(), cm.quantized[WORD].dequantize())
 
 
+@pytest.mark.parametrize("c", [2.0**-10, 0.003, 0.05, 0.7, 3.0, 64.0])
+def test_the_sample_counts_the_bits_of_its_rounded_levels(minilm_state, c):
+    """The step search's estimate is the entropy of the sample's levels as :func:`grid.levels`
+    rounds them, weights beyond the grid at the outliers' price, from steps so fine that most
+    weights are beyond it to one so coarse that one level holds them all."""
+    w = np.asarray(minilm_state["encoder.layer.2.output.dense.weight"], np.float32)
+    spread = grid._spread(w)
+    sample = grid._Sample(w, False, spread)
+    codes, beyond = grid.levels(sample.z, np.full(len(sample.z), c, np.float32))
+    per_weight = (grid._entropy_bits(codes) + grid.OUTLIER_BITS * int(beyond.sum())) / codes.size
+    span = int(codes.max()) - int(codes.min()) + 1
+    expected = w.size * per_weight + grid._overhead_bits(*w.shape, False, span)
+    assert sample.bits(c) == pytest.approx(expected, rel=1e-12)
+    if c < 0.01:
+        assert beyond.mean() > 0.5
+
+
 def test_the_sample_gives_the_bits_that_feedback_adds_to_a_table(minilm_fp32, tokenizer, minilm_state):
     """Rows are fed back independently, so the excess of a sample of them is the table's:
     with it, the estimate of the table's bits at a step is its fed-back size to 0.1%;

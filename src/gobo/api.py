@@ -140,7 +140,7 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
     moments first (their column scales), then the codes chosen by error feedback."""
     from . import feedback
     from .methods import grid
-    from .quantizer import TensorStats, check_names
+    from .quantizer import check_names, measure_all
 
     check_names(state, names, config)
     moments, feed = None, None
@@ -174,7 +174,7 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
     if progress is not None and moments is not None:  # Linears the sentences did not reach (a pooler): not fed back
         for n in sorted(refed - set(moments[0])):
             progress(n)
-    stats = {n: TensorStats.measure(np.asarray(state[n], dtype=np.float32), qt) for n, qt in quantized.items()}
+    stats = measure_all(state, quantized)
     dense = {k: np.ascontiguousarray(v) for k, v in state.items() if k not in quantized}
     return CompressedModel(quantized=quantized, dense=dense, config=config, stats=stats)
 
@@ -236,7 +236,7 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
     """``cm`` with its Linears re-coded by error feedback; ``recoded``: those whose codes were
     left for the feedback to choose, every one of which it must reach."""
     from . import feedback
-    from .quantizer import TensorStats
+    from .quantizer import measure_all
 
     if config.feedback != "texts":
         texts = None
@@ -249,9 +249,7 @@ def _with_feedback(cm: CompressedModel, config: GoboConfig, src, tokenizer, stat
     for name, qt in fed.items():
         cm.quantized[name] = qt
         cm.stats.pop(name, None)  # measured again, as fed back
-    for name, qt in cm.quantized.items():
-        if name not in cm.stats:
-            cm.stats[name] = TensorStats.measure(np.asarray(state[name], dtype=np.float32), qt)
+    cm.stats.update(measure_all(state, {n: qt for n, qt in cm.quantized.items() if n not in cm.stats}))
     cm.config = config
     return cm
 

@@ -199,7 +199,7 @@ class JacobianSensitivity:
         self.params = params
         was = {n: p.requires_grad for n, p in params.items()}
         gen = torch.Generator().manual_seed(seed)
-        self.column = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.column = {}
         real = mask.bool()
         tables = {f"{m}.weight": mod for m, mod in model.named_modules()
                   if isinstance(mod, torch.nn.Embedding) and f"{m}.weight" in params}
@@ -221,7 +221,11 @@ class JacobianSensitivity:
                                                 grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
                     for n, g in zip(names, grads):
                         if g is not None:
-                            self.column[n] += g.detach() ** 2
+                            sq = g.detach().square()
+                            if n in self.column:
+                                self.column[n] += sq
+                            else:
+                                self.column[n] = sq
                     for n, g in zip(outs, grads[len(names):]):
                         if g is not None:
                             g = g[real].double()
@@ -231,8 +235,10 @@ class JacobianSensitivity:
                 hook.remove()
             for n, p in params.items():
                 p.requires_grad_(was[n])
-        for col in self.column.values():
-            col /= probes
+        for n, p in params.items():  # a tensor no gradient reached has none
+            if n not in self.column:
+                self.column[n] = torch.zeros_like(p)
+            self.column[n] /= probes
         count = probes * int(real.sum())
         self.output_moments = {n: (g / count).to(torch.float32) for n, g in sums.items() if float(g.trace()) > 0}
 

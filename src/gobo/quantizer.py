@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Mapping
 
@@ -19,6 +17,7 @@ import numpy as np
 from .config import DirectQConfig, GoboConfig, QBertConfig
 from .methods import gobo as gobo_method
 from .methods import groupwise as groupwise_method
+from .methods import tensor_pool
 from .methods import uniform as uniform_method
 from .qtensor import QuantizedTensor
 
@@ -53,6 +52,15 @@ class TensorStats:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / max(int(np.prod(self.shape)), 1)
+
+
+def measure_all(state: Mapping[str, np.ndarray], quantized: Mapping[str, QuantizedTensor]) -> dict[str, TensorStats]:
+    """:meth:`TensorStats.measure` of every tensor of ``quantized`` against its FP32
+    original in ``state``, the tensors side by side."""
+    names = list(quantized)
+    with tensor_pool(len(names)) as pool:
+        return dict(zip(names, pool.map(
+            lambda n: TensorStats.measure(np.asarray(state[n], dtype=np.float32), quantized[n]), names)))
 
 
 @dataclass
@@ -255,13 +263,11 @@ def quantize_state(
             raise ValueError("allocate='sensitivity' needs the model to measure output sensitivity; use gobo.quantize")
         factors = grid.step_factors(state, names, sensitivity) if config.allocate == "sensitivity" else None
         quantized, _ = grid.quantize(state, names, config, progress=progress, factors=factors)
-        stats = {n: TensorStats.measure(np.asarray(state[n], dtype=np.float32), qt) for n, qt in quantized.items()
-                 if n not in recoded}
+        stats = measure_all(state, {n: qt for n, qt in quantized.items() if n not in recoded})
         dense = {k: np.ascontiguousarray(v) for k, v in state.items() if k not in quantized}
         return CompressedModel(quantized=quantized, dense=dense, config=config, stats=stats)
     arrays = {n: np.asarray(state[n], dtype=np.float32) for n in names}
-    workers = max(1, min(len(names), os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL
+    with tensor_pool(len(names)) as pool:
         if isinstance(config, GoboConfig):
             gains = layer_gains(state.keys(), names, config.layer_omega) if config.allocate == "hessian" else None
             if config.act_outliers and input_energy is None:

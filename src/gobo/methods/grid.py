@@ -44,6 +44,8 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
+from . import tensor_pool
+
 __all__ = ["GRID", "column_scale", "finish", "levels", "quantize", "row_steps", "tensor_bits"]
 
 #: levels -GRID .. GRID - 1 while coding (codes 0 .. 255); farther weights are outliers
@@ -113,7 +115,12 @@ def levels(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _entropy_bits(codes: np.ndarray) -> float:
     """Empirical entropy of ``codes`` times their number (bits)."""
-    n = np.bincount(codes.reshape(-1), minlength=2 * GRID).astype(np.float64)
+    return _entropy_of(np.bincount(codes.reshape(-1), minlength=2 * GRID))
+
+
+def _entropy_of(counts: np.ndarray) -> float:
+    """Empirical entropy times the number of values, from the counts of each value (bits)."""
+    n = counts.astype(np.float64)
     n = n[n > 0]
     return float(-(n * np.log2(n / n.sum())).sum())
 
@@ -147,11 +154,18 @@ class _Sample:
         self.added = 0.0  # bits per weight that error feedback adds to the rounded codes' (see _fed_excess)
 
     def bits(self, c: float) -> float:
-        q = np.rint(self.z / np.float32(c))
-        beyond = (q < -GRID) | (q > GRID - 1)
-        q = np.where(beyond, 0, q).astype(np.int64) + GRID
-        h = (_entropy_bits(q.astype(np.uint8)) + OUTLIER_BITS * int(beyond.sum())) / q.size + self.added
-        return self.n * h + _overhead_bits(self.rows, self.cols, self.scaled, int(q.max() - q.min()) + 1)
+        q = self.z / np.float32(c)
+        np.rint(q, out=q)
+        u = q.astype(np.int64)  # levels -GRID .. GRID - 1 as 1 .. 2 GRID, those beyond the grid as 0 and 2 GRID + 1
+        np.clip(u, -GRID - 1, GRID, out=u)
+        u += GRID + 1
+        counts = np.bincount(u.reshape(-1), minlength=2 * GRID + 2)
+        beyond = int(counts[0] + counts[-1])
+        n = counts[1:-1].copy()
+        n[GRID] += beyond  # a weight beyond the grid has the code of level 0
+        used = np.flatnonzero(n)
+        h = (_entropy_of(n) + OUTLIER_BITS * beyond) / u.size + self.added
+        return self.n * h + _overhead_bits(self.rows, self.cols, self.scaled, int(used[-1] - used[0]) + 1)
 
 
 def _fed_excess(sample: _Sample, w2: np.ndarray, w: np.ndarray, spread: np.ndarray, scale: np.ndarray, h, damp: float,
@@ -235,8 +249,8 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     from .uniform import as_rows
 
     columns = getattr(sensitivity, "columns_of", None)  # first-order gains: weighed here, rows at a time
-    out = {}
-    for n in names:
+
+    def relative(n: str) -> float:
         w32, w = as_rows(state[n])
         col = None if columns is None else columns(n).reshape(w.shape)
         q = np.empty_like(w) if col is None else None  # the rounded tensor, for a sensitivity that runs it
@@ -261,7 +275,13 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
         else:
             g = sensitivity(n, q.reshape(w32.shape)) / err
         g = float(f"{max(g, 1e-6):.3g}")  # rounded: float noise in the measurement cannot move a step
-        out[n] = math.sqrt(w.size / g)
+        return math.sqrt(w.size / g)
+
+    if columns is None:  # a sensitivity that runs the model: one tensor at a time
+        out = {n: relative(n) for n in names}
+    else:  # the tensors side by side (numpy releases the GIL)
+        with tensor_pool(len(names)) as pool:
+            out = dict(zip(names, pool.map(relative, names)))
     mean = math.exp(float(np.mean([math.log(v) for v in out.values()])))
     # bounded: a tensor whose error does not reach the last hidden state (a pooler) may still
     # feed an output the sentences do not measure; it gets steps at most MAX_FACTOR times the
@@ -295,6 +315,13 @@ def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, mome
     feeding back a sample of their rows, and the step chosen with it, so that the tensors coded
     last do not pay for it.
     """
+    with tensor_pool(len(names)) as pool:
+        return _quantize(state, names, config, moments, fed, feed, progress, factors, measured, pool)
+
+
+def _quantize(state, names, config, moments, fed, feed, progress, factors, measured, pool) -> tuple[dict, dict]:
+    """:func:`quantize`, its work on each tensor spread over ``pool`` (sums in name order:
+    the same bytes on any number of threads)."""
     from .uniform import as_rows
 
     target = float(config.average or config.bits)
@@ -306,19 +333,24 @@ def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, mome
     if keys:  # the inputs' factorisations side by side, each on one thread: the same scales on any machine
         from ..feedback import one_per_thread
 
-        with one_per_thread() as pool:
-            scales = dict(zip(keys, pool.map(lambda k: column_scale(h[k], config.feedback_damp), keys)))
-    w2: dict[str, np.ndarray] = {}
-    for n in names:
-        _, w = as_rows(state[n])
-        key = shared.get(n, n)
-        w2[n] = w / scales[key].astype(np.float32) if n in fed else w
+        with one_per_thread() as solo:
+            scales = dict(zip(keys, solo.map(lambda k: column_scale(h[k], config.feedback_damp), keys)))
+
+    def coding_weights(n: str) -> np.ndarray:
+        w = as_rows(state[n])[1]
+        return w / scales[shared.get(n, n)].astype(np.float32) if n in fed else w
+
+    w2 = dict(zip(names, pool.map(coding_weights, names)))
     total = sum(w2[n].size for n in names)
     budget = target * total
     m = {n: 1.0 if factors is None else float(factors[n]) for n in names}
-    spread = {n: _spread(w2[n]) for n in names}  # each row's, once: the steps at every c are multiples of it
+    spread = dict(zip(names, pool.map(lambda n: _spread(w2[n]), names)))  # each row's, once: steps are multiples of it
     samples = {n: _Sample(w2[n], n in fed, spread[n]) for n in names}
-    c = _solve(lambda c: sum(samples[n].bits(c * m[n]) for n in names), budget)
+
+    def bits_of(these: Sequence[str]) -> Callable[[float], float]:
+        return lambda c: sum(pool.map(lambda n: samples[n].bits(c * m[n]), these))
+
+    c = _solve(bits_of(names), budget)
     probed = [n for n in fed if n in measured]
     if probed:  # side by side, one thread each (the factorisations): the same excess on any machine
         from ..feedback import one_per_thread
@@ -328,31 +360,32 @@ def quantize(state: Mapping[str, np.ndarray], names: Sequence[str], config, mome
             return _fed_excess(samples[n], w2[n], as_rows(state[n])[1], spread[n], scales[key], h[key],
                                config.feedback_damp, c * m[n])
 
-        with one_per_thread() as pool:
-            for n, added in zip(probed, pool.map(excess, probed)):
+        with one_per_thread() as solo:
+            for n, added in zip(probed, solo.map(excess, probed)):
                 samples[n].added = added
-        c = _solve(lambda c: sum(samples[n].bits(c * m[n]) for n in names), budget)
+        c = _solve(bits_of(names), budget)
     out: dict = {}
     steps: dict[str, np.ndarray] = {}
     if fed:
-        coding = {}
         for n in fed:
             steps[n] = row_steps(w2[n], c * m[n], spread[n])
-            coding[n] = coding_form(w2[n], steps[n], scales[shared.get(n, n)], tuple(np.shape(state[n])))
+        coding = dict(zip(fed, pool.map(
+            lambda n: coding_form(w2[n], steps[n], scales[shared.get(n, n)], tuple(np.shape(state[n]))), fed)))
         done = feed(coding) if feed is not None else coding
-        for n in fed:
-            out[n] = finish(done[n], steps[n])
+        for n, qt in zip(fed, pool.map(lambda n: finish(done[n], steps[n]), fed)):
+            out[n] = qt
             if progress is not None:
                 progress(n)
     if rest:
-        left = budget - sum(tensor_bits(out[n]) for n in fed)
-        c_rest = _solve(lambda c: sum(samples[n].bits(c * m[n]) for n in rest), left) if fed else c
+        left = budget - sum(pool.map(lambda n: tensor_bits(out[n]), fed))
+        c_rest = _solve(bits_of(rest), left) if fed else c
         n_rest = sum(w2[n].size for n in rest)
         for _ in range(4):  # the samples' estimate, corrected on the exact sizes while they exceed the budget
             for n in rest:
                 steps[n] = row_steps(w2[n], c_rest * m[n], spread[n])
-                out[n] = finish(coding_form(w2[n], steps[n], None, tuple(np.shape(state[n]))), steps[n])
-            excess = sum(tensor_bits(out[n]) for n in rest) - left
+            out.update(zip(rest, pool.map(
+                lambda n: finish(coding_form(w2[n], steps[n], None, tuple(np.shape(state[n]))), steps[n]), rest)))
+            excess = sum(pool.map(lambda n: tensor_bits(out[n]), rest)) - left
             if excess <= 0:
                 break
             c_rest *= 2.0 ** (excess / n_rest) * 1.001  # about one bit fewer per doubling of the step
