@@ -223,6 +223,7 @@ def finish(qt, steps: np.ndarray):
     fewest bits that hold the levels used), the steps as ``row_scale``, entropy coded.
     Dequantizes to exactly the same values as ``qt`` (its codebook rows are the levels times
     the steps, in float32)."""
+    from .. import rans
     from ..qtensor import QuantizedTensor
 
     lv = qt.unpacked_codes().astype(np.int16) - GRID
@@ -230,8 +231,9 @@ def finish(qt, steps: np.ndarray):
     flat[qt.outlier_index] = 0  # unused under an outlier: the commonest level, the cheapest code
     lo, hi = int(lv.min()), int(lv.max())
     bits = max(1, (hi - lo).bit_length())
+    codes = (lv - lo).astype(np.uint8).reshape(-1)
     return QuantizedTensor.from_codes(
-        (lv - lo).astype(np.uint8).reshape(-1), shape=qt.shape, bits=bits,
+        codes, shape=qt.shape, bits=bits, _stream=rans.encode_modelled(codes, 1 << bits),  # coded from these codes
         codebook=(lo + np.arange(1 << bits, dtype=np.float32))[None, :], group_rows=qt.rows,
         row_scale=np.asarray(steps, dtype=np.float16), outlier_index=qt.outlier_index, outlier_value=qt.outlier_value,
         method="gobo", compact=True, col_scale=qt.col_scale, entropy=True)
@@ -290,10 +292,14 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
 
 
 def _rounded(w2: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """``w2`` rounded to its rows' grids (float32), the weights beyond them kept."""
-    codes, beyond = levels(w2, steps)
-    q = (codes.astype(np.float32) - GRID) * steps.astype(np.float32)[:, None]
-    q[beyond] = w2[beyond]
+    """``w2`` rounded to its rows' grids (float32), the weights beyond them kept: the values
+    :func:`levels` codes (a level times its step, in float32)."""
+    s32 = steps.astype(np.float32)[:, None]
+    q = w2 / s32
+    np.rint(q, out=q)
+    beyond = (q < -GRID) | (q > GRID - 1)
+    q *= s32
+    np.copyto(q, w2, where=beyond)
     return q
 
 
