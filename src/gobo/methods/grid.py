@@ -104,11 +104,19 @@ def column_scale(h, damp: float) -> np.ndarray:
     return _f16(s / math.exp(float(np.mean(np.log(s)))))
 
 
+def _quotients(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(q, s, beyond)``: each weight's level ``rint(w / step)`` (float32), the steps as a
+    float32 column, and the mask of levels outside ``-GRID .. GRID - 1``."""
+    s = steps.astype(np.float32)[:, None]
+    q = w2 / s
+    np.rint(q, out=q)
+    return q, s, (q < -GRID) | (q > GRID - 1)
+
+
 def levels(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, outlier)``: ``w2`` rounded to its rows' grids as codes ``level + GRID``
     (uint8) and the mask of weights beyond the grid (their code is that of level 0)."""
-    q = np.rint(w2 / steps.astype(np.float32)[:, None])
-    out = (q < -GRID) | (q > GRID - 1)
+    q, _, out = _quotients(w2, steps)
     q[out] = 0
     return (q + GRID).astype(np.uint8), out
 
@@ -294,10 +302,7 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
 def _rounded(w2: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """``w2`` rounded to its rows' grids (float32), the weights beyond them kept: the values
     :func:`levels` codes (a level times its step, in float32)."""
-    s32 = steps.astype(np.float32)[:, None]
-    q = w2 / s32
-    np.rint(q, out=q)
-    beyond = (q < -GRID) | (q > GRID - 1)
+    q, s32, beyond = _quotients(w2, steps)
     q *= s32
     np.copyto(q, w2, where=beyond)
     return q
