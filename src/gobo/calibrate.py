@@ -220,12 +220,11 @@ class JacobianSensitivity:
                     grads = torch.autograd.grad(h, [params[n] for n in names] + [looked_up[n] for n in outs],
                                                 grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
                     for n, g in zip(names, grads):
-                        if g is not None:
-                            sq = g.detach().square()
+                        if g is not None:  # squared in place: the gradients are this call's own
                             if n in self.column:
-                                self.column[n] += sq
+                                self.column[n] += g.detach().square_()
                             else:
-                                self.column[n] = sq
+                                self.column[n] = g.detach().square_()
                     for n, g in zip(outs, grads[len(names):]):
                         if g is not None:
                             g = g[real].double()

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .methods import row_blocks
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["QuantizedTensor", "FIELDS", "ROW_FIELDS", "outlier_index_nbytes"]
@@ -129,22 +130,28 @@ class QuantizedTensor:
     def dequantize(self) -> np.ndarray:
         """The float32 weight this tensor stands for (see the module docstring)."""
         codes = self.unpacked_codes()
-        k = self.codebook.shape[1]
-        flat = self.codebook.reshape(-1)
         v = np.empty((self.rows, self.cols), dtype=np.float32)
-        step = max(1, (1 << 16) // max(self.cols, 1))  # rows at a time: small index temporaries
-        for r in range(0, self.rows, step):
-            start = (np.arange(r, min(r + step, self.rows), dtype=np.intp) // self.group_rows * k)[:, None]
-            flat.take(codes[r : r + step] + start, out=v[r : r + step])  # each row's codebook
-        if self.row_scale is not None:
-            v = v * self.row_scale.astype(np.float32)[:, None]
-        if self.row_offset is not None:
-            v = v + self.row_offset.astype(np.float32)[:, None]
-        if self.outlier_index.size:
-            v.reshape(-1)[self.outlier_index] = self.outlier_value
-        if self.col_scale is not None:  # W = W' diag(col_scale): the input's columns scaled
-            v = v * self.col_scale.astype(np.float32)[None, :]
+        for a, b in row_blocks(self.rows, self.cols):
+            v[a:b] = self.dequantize_rows(a, b, codes)
         return v.reshape(self.shape)
+
+    def dequantize_rows(self, start: int, stop: int, codes: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of :meth:`dequantize` (float32, rows x cols), the same bits;
+        ``codes``: :meth:`unpacked_codes`, when already at hand."""
+        codes = (self.unpacked_codes() if codes is None else codes)[start:stop]
+        k = self.codebook.shape[1]
+        rows = np.arange(start, stop, dtype=np.intp)
+        v = self.codebook.reshape(-1).take(codes + (rows // self.group_rows * k)[:, None])  # each row's codebook
+        if self.row_scale is not None:
+            v *= self.row_scale[start:stop].astype(np.float32)[:, None]
+        if self.row_offset is not None:
+            v += self.row_offset[start:stop].astype(np.float32)[:, None]
+        if self.outlier_index.size:
+            lo, hi = np.searchsorted(self.outlier_index, [start * self.cols, stop * self.cols])
+            v.reshape(-1)[self.outlier_index[lo:hi] - start * self.cols] = self.outlier_value[lo:hi]
+        if self.col_scale is not None:  # W = W' diag(col_scale): the input's columns scaled
+            v *= self.col_scale.astype(np.float32)[None, :]
+        return v
 
     # ------------------------------------------------------------------ size
     def nbytes_by_part(self) -> dict[str, int]:

@@ -17,7 +17,7 @@ import numpy as np
 from .config import DirectQConfig, GoboConfig, QBertConfig
 from .methods import gobo as gobo_method
 from .methods import groupwise as groupwise_method
-from .methods import tensor_pool
+from .methods import row_blocks, tensor_pool
 from .methods import uniform as uniform_method
 from .qtensor import QuantizedTensor
 
@@ -42,7 +42,7 @@ class TensorStats:
     @classmethod
     def measure(cls, w: np.ndarray, qt: QuantizedTensor) -> "TensorStats":
         """The stats of ``qt`` as the compressed form of FP32 tensor ``w``."""
-        return cls(shape=tuple(w.shape), bits=qt.bits, sqnr_db=sqnr_db(w, qt.dequantize()),
+        return cls(shape=tuple(w.shape), bits=qt.bits, sqnr_db=_sqnr_of(w, qt),
                    outlier_fraction=qt.n_outliers / max(qt.numel, 1), fp32_bytes=w.size * 4, nbytes=qt.nbytes())
 
     @property
@@ -107,13 +107,38 @@ _CHUNK = 16384
 
 def sqnr_db(w: np.ndarray, q: np.ndarray) -> float:
     w = np.asarray(w, dtype=np.float32).ravel()
-    q = np.asarray(q, dtype=np.float32).ravel()
-    e = s = 0.0
-    for a in range(0, w.size, _CHUNK):  # float32 dot products of short chunks, summed in float64: no large temporaries
+    return _sqnr(*_sums(w, np.asarray(q, dtype=np.float32).ravel()))
+
+
+def _sums(w: np.ndarray, q: np.ndarray, e: float = 0.0, s: float = 0.0) -> tuple[float, float]:
+    """``(e + |w - q|^2, s + |w|^2)`` of flat float32 arrays: float32 dot products of short
+    chunks, added in float64 one at a time (no large temporaries)."""
+    for a in range(0, w.size, _CHUNK):
         wc = w[a : a + _CHUNK]
         d = wc - q[a : a + _CHUNK]
         e += float(np.dot(d, d))
         s += float(np.dot(wc, wc))
+    return e, s
+
+
+def _sqnr_of(w: np.ndarray, qt: QuantizedTensor) -> float:
+    """:func:`sqnr_db` of ``w`` against ``qt.dequantize()``, the tensor dequantized a block of
+    rows at a time: blocks of whole chunks, so that the sums are those of :func:`sqnr_db`."""
+    w = np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols)
+    per = _CHUNK // math.gcd(_CHUNK, qt.cols)  # rows in a whole number of chunks
+    if per >= qt.rows:
+        return sqnr_db(w, qt.dequantize())
+    codes = qt.unpacked_codes()
+    e = s = 0.0
+    blocks = [(a * per, b * per) for a, b in row_blocks(qt.rows // per, per * qt.cols)]
+    if qt.rows % per:  # the rows left, fewer than a chunk's worth
+        blocks.append((qt.rows // per * per, qt.rows))
+    for a, b in blocks:
+        e, s = _sums(w[a:b].ravel(), qt.dequantize_rows(a, b, codes).ravel(), e, s)
+    return _sqnr(e, s)
+
+
+def _sqnr(e: float, s: float) -> float:
     if e == 0.0:
         return math.inf
     return 10.0 * math.log10(s / e) if s > 0 else -math.inf

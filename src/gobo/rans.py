@@ -127,8 +127,17 @@ def encode_modelled(codes: np.ndarray, nsym: int) -> tuple[np.ndarray, np.ndarra
     model (:func:`model`), counted once: every value that occurs has a frequency, so
     :func:`encode`'s check is not needed."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
-    freq = _model(np.bincount(codes, minlength=nsym).astype(np.int64), nsym)
+    freq = _model(counts(codes, nsym), nsym)
     return _encode(codes, freq), freq
+
+
+def counts(codes: np.ndarray, nsym: int) -> np.ndarray:
+    """How often each value below ``nsym`` occurs in flat uint8 ``codes`` (int64), counted a
+    block at a time (a whole-array count would widen every code to 8 bytes first)."""
+    n = np.zeros(max(nsym, 256), dtype=np.int64)
+    for a in range(0, codes.size, 1 << 18):
+        n += np.bincount(codes[a : a + (1 << 18)], minlength=256)
+    return n[: max(nsym, int(np.flatnonzero(n)[-1]) + 1 if codes.size else 0)]
 
 
 def decode(stream: np.ndarray, freq: np.ndarray, n: int) -> np.ndarray:

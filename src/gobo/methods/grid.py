@@ -44,7 +44,7 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
-from . import tensor_pool
+from . import row_blocks, tensor_pool
 
 __all__ = ["GRID", "column_scale", "finish", "levels", "quantize", "row_steps", "tensor_bits"]
 
@@ -79,7 +79,9 @@ def _f16(a) -> np.ndarray:
 def _spread(w2: np.ndarray) -> np.ndarray:
     """Each row's standard deviation (float64); a constant row gets its largest magnitude,
     or 1 when it is all zeros, so that it still has a step."""
-    sd = w2.std(axis=1, dtype=np.float64)
+    sd = np.empty(w2.shape[0])
+    for a, b in row_blocks(*w2.shape):
+        sd[a:b] = w2[a:b].std(axis=1, dtype=np.float64)
     flat = sd <= 0
     if flat.any():
         sd[flat] = np.where(np.abs(w2[flat]).max(axis=1) > 0, np.abs(w2[flat]).max(axis=1), 1.0)
@@ -116,9 +118,14 @@ def _quotients(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def levels(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, outlier)``: ``w2`` rounded to its rows' grids as codes ``level + GRID``
     (uint8) and the mask of weights beyond the grid (their code is that of level 0)."""
-    q, _, out = _quotients(w2, steps)
-    q[out] = 0
-    return (q + GRID).astype(np.uint8), out
+    codes = np.empty(w2.shape, dtype=np.uint8)
+    out = np.empty(w2.shape, dtype=bool)
+    for a, b in row_blocks(*w2.shape):
+        q, _, out[a:b] = _quotients(w2[a:b], steps[a:b])
+        q[out[a:b]] = 0
+        q += GRID
+        codes[a:b] = q
+    return codes, out
 
 
 def _entropy_bits(codes: np.ndarray) -> float:
@@ -231,20 +238,33 @@ def finish(qt, steps: np.ndarray):
     fewest bits that hold the levels used), the steps as ``row_scale``, entropy coded.
     Dequantizes to exactly the same values as ``qt`` (its codebook rows are the levels times
     the steps, in float32)."""
+    return _finished(qt.unpacked_codes().reshape(-1), qt.shape, steps, qt.outlier_index, qt.outlier_value, qt.col_scale)
+
+
+def _finished(codes: np.ndarray, shape: tuple[int, ...], steps: np.ndarray, outlier_index: np.ndarray,
+              outlier_value: np.ndarray, col_scale: np.ndarray | None):
+    """:func:`finish` of flat codes ``level + GRID`` (uint8, changed in place) with the
+    outliers at ``outlier_index``."""
     from .. import rans
     from ..qtensor import QuantizedTensor
 
-    lv = qt.unpacked_codes().astype(np.int16) - GRID
-    flat = lv.reshape(-1)
-    flat[qt.outlier_index] = 0  # unused under an outlier: the commonest level, the cheapest code
-    lo, hi = int(lv.min()), int(lv.max())
+    codes[outlier_index] = GRID  # unused under an outlier: level 0, the commonest, the cheapest code
+    lo, hi = int(codes.min()), int(codes.max())
     bits = max(1, (hi - lo).bit_length())
-    codes = (lv - lo).astype(np.uint8).reshape(-1)
+    codes -= np.uint8(lo)  # levels less the lowest
     return QuantizedTensor.from_codes(
-        codes, shape=qt.shape, bits=bits, _stream=rans.encode_modelled(codes, 1 << bits),  # coded from these codes
-        codebook=(lo + np.arange(1 << bits, dtype=np.float32))[None, :], group_rows=qt.rows,
-        row_scale=np.asarray(steps, dtype=np.float16), outlier_index=qt.outlier_index, outlier_value=qt.outlier_value,
-        method="gobo", compact=True, col_scale=qt.col_scale, entropy=True)
+        codes, shape=shape, bits=bits, _stream=rans.encode_modelled(codes, 1 << bits),  # coded from these codes
+        codebook=(lo - GRID + np.arange(1 << bits, dtype=np.float32))[None, :], group_rows=len(steps),
+        row_scale=np.asarray(steps, dtype=np.float16), outlier_index=outlier_index, outlier_value=outlier_value,
+        method="gobo", compact=True, col_scale=col_scale, entropy=True)
+
+
+def _rounded_finished(w2: np.ndarray, steps: np.ndarray, shape: tuple[int, ...]):
+    """:func:`finish` of :func:`coding_form` without feedback (no column scale), straight
+    from the levels."""
+    codes, out = levels(w2, steps)
+    idx = np.flatnonzero(out.reshape(-1)).astype(np.int64)
+    return _finished(codes.reshape(-1), shape, steps, idx, w2.reshape(-1)[idx].astype(np.float32), None)
 
 
 def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitivity: Callable[[str, np.ndarray], float],
@@ -394,8 +414,7 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
         for _ in range(4):  # the samples' estimate, corrected on the exact sizes while they exceed the budget
             for n in rest:
                 steps[n] = row_steps(w2[n], c_rest * m[n], spread[n])
-            out.update(zip(rest, pool.map(
-                lambda n: finish(coding_form(w2[n], steps[n], None, tuple(np.shape(state[n]))), steps[n]), rest)))
+            out.update(zip(rest, pool.map(lambda n: _rounded_finished(w2[n], steps[n], tuple(np.shape(state[n]))), rest)))
             excess = sum(pool.map(lambda n: tensor_bits(out[n]), rest)) - left
             if excess <= 0:
                 break

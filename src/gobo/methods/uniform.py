@@ -16,12 +16,15 @@ __all__ = ["as_rows", "fit"]
 def as_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(w32, w2)``: the weights as contiguous float32 and as a (rows, cols) view; ValueError
     for an empty tensor or one with NaN or infinite values."""
+    from . import row_blocks
+
     w32 = np.ascontiguousarray(weight, dtype=np.float32)
     if w32.size == 0:
         raise ValueError("cannot quantize an empty tensor")
-    if not np.isfinite(w32).all():
+    w2 = w32.reshape(w32.shape[0] if w32.ndim > 1 else 1, -1)
+    if not all(np.isfinite(w2[a:b]).all() for a, b in row_blocks(*w2.shape)):
         raise ValueError("the tensor holds NaN or infinite values")
-    return w32, w32.reshape(w32.shape[0] if w32.ndim > 1 else 1, -1)
+    return w32, w2
 
 
 def fit(weight: np.ndarray, bits: int, granularity: str = "row") -> "QuantizedTensor":
