@@ -47,6 +47,9 @@ BLOCK = 32
 CALIBRATION_STEP = "calibration.sentences"
 #: sentences per forward pass of :func:`input_moments`
 BATCH = 32
+#: rows of a weight fed back together at most (:func:`feedback_rows`): their copies in coding order
+#: and their errors stay small (under 2 MB at 768 inputs), in cache and out of fresh memory
+SHARE_ROWS = 256
 #: precisions of the calibration pass (:func:`input_moments`): "float32", or "bfloat16"
 #: (autocast forward, the moments still summed in float32), or "auto" (:func:`fast_dtype`'s
 #: choice). On all-mpnet-base-v2, 64 synthetic
@@ -481,23 +484,25 @@ def _pool(threads: int):
 
 
 def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: int | None,
-                   scale: float | None = None):
+                   scale: float | None = None, values: bool = True):
     """:func:`feedback_rows` with ``(codes, values, perm)`` in coding order (torch tensors):
-    column ``k`` of ``codes`` and ``values`` is column ``perm[k]`` of the weight."""
+    column ``k`` of ``codes`` and ``values`` is column ``perm[k]`` of the weight. ``values``
+    False: the values are only kept where ``mask`` is True anywhere (else None), what a
+    caller that reads the outliers' alone needs."""
     import torch
 
     from . import native
 
     F, diag, Tt32, perm, dead = _factor_parts(h, damp, scale)
-    W0 = _ordered(np.asarray(weight, dtype=np.float32), perm, dead)
-    rows, cols = W0.shape
+    weight = np.asarray(weight, dtype=np.float32)
+    rows, cols = weight.shape
     M = torch.from_numpy(_columns(np.asarray(mask, dtype=bool).view(np.uint8), perm))
     cb = torch.as_tensor(np.ascontiguousarray(codebook, dtype=np.float64)).contiguous()
     codes = torch.empty((rows, cols), dtype=torch.uint8)
-    values = torch.empty((rows, cols), dtype=torch.float64)
-    err = torch.empty((rows, cols), dtype=torch.float32)
+    kept = torch.empty((rows, cols), dtype=torch.float64) if values or bool(M.any()) else None
     t = max(1, min(threads or torch.get_num_threads(), rows))
     n = 1 if t == 1 else min(4 * t, max(t, rows // 64))  # shares of the rows, taken by the threads as they come free
+    n = max(n, -(-rows // SHARE_ROWS))  # each share's own arrays small enough to stay in cache
     cuts = [rows * i // n for i in range(n + 1)]
     # each block's factor in float64, as moments_factor computes it
     starts = range(0, cols, block)
@@ -505,12 +510,16 @@ def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: 
            for i1 in starts]
 
     def share(a, b):  # rows a:b through every block: rows are fed back independently
+        W0 = _ordered(weight[a:b], perm, dead)
+        err = torch.empty((b - a, cols), dtype=torch.float32)
+        val = kept[a:b] if kept is not None else torch.empty((b - a, min(block, cols)), dtype=torch.float64)
         for i1, Tb in zip(starts, Tbs):
             i2 = min(i1 + block, cols)
-            W = _fed_block(W0[a:b], err[a:b], Tt32, i1, i2)
-            native.feedback_block(W, W0[a:b, i1:i2], Tb, cb[a:b], M[a:b, i1:i2], codes[a:b, i1:i2], values[a:b, i1:i2])
-            torch.sub(W0[a:b, i1:i2], values[a:b, i1:i2], out=W)
-            err[a:b, i1:i2] = W
+            v = val[:, i1:i2] if kept is not None else val[:, : i2 - i1]
+            W = _fed_block(W0, err, Tt32, i1, i2)
+            native.feedback_block(W, W0[:, i1:i2], Tb, cb[a:b], M[a:b, i1:i2], codes[a:b, i1:i2], v)
+            torch.sub(W0[:, i1:i2], v, out=W)
+            err[:, i1:i2] = W
 
     # Each thread takes shares of the rows through all the blocks, its products one-threaded:
     # no thread waits for another between blocks, and torch's own threads, which would spin
@@ -533,7 +542,7 @@ def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: 
                 f.result()
         finally:
             torch.set_num_threads(threads_before)
-    return codes, values, perm
+    return codes, kept, perm
 
 
 def requantize(qt: QuantizedTensor, weight: np.ndarray, h, damp: float = DAMP, block: int = BLOCK) -> QuantizedTensor:
@@ -615,8 +624,10 @@ def _coded(ws, cbs, masks, h, damp: float, block: int, scale: float | None):
 
     if native.available():  # codes put back in column order; of the values, only the outliers' are read
         codes, ordered, perm = _feedback_rows(np.concatenate(ws), h, np.concatenate(cbs), np.concatenate(masks), damp,
-                                              block, None, scale)
+                                              block, None, scale, values=False)
         inv = torch.argsort(perm)
+        if ordered is None:  # no outliers: no values to read
+            return _columns(codes, inv), lambda r, c: np.zeros(len(r))
         at, ordered = inv.numpy(), ordered.numpy()
         return _columns(codes, inv), lambda r, c: ordered[r, at[c]]
     parts = []  # the reference: one Linear at a time, in torch
