@@ -178,7 +178,7 @@ class JacobianSensitivity:
     per tensor. ``model`` is left unchanged. ``names``: the tensors to measure (None: every
     weight of two or more dimensions); the others get no gradient. 2 ``probes`` (the
     default) put each tensor's gain within a few percent of what more would give
-    (:data:`gobo.methods.grid.SENSITIVITY_PROBES`).
+    (:attr:`gobo.config.GoboConfig.sensitivity_probes`).
 
     The same passes give ``output_moments[name]`` for every measured ``nn.Embedding`` table
     whose output has a vector per token: ``E[g g^T]`` (float32, dim x dim), ``g`` the
@@ -187,10 +187,17 @@ class JacobianSensitivity:
     the looked-up vector's entries ``j`` and ``k``: an error ``e`` in a table's row costs
     ``e^T G e`` at the output wherever the token occurs. For the tables it plays the part
     the input moments play for a Linear in error feedback (``feedback_embeddings``).
+
+    ``batch`` > 0: the sentences go through ``batch`` at a time, shortest first, each pass
+    cut to the positions its sentences fill, with directions of their own: each weight's
+    ``|J_i|^2`` is then the sum of every pass's squared gradients, as unbiased as the one
+    pass's and free of the terms between passes. ``moments``: a
+    :class:`gobo.feedback.MomentsRecorder` open on ``model``, which the forward passes feed
+    (the feedback's moments from the same passes).
     """
 
     def __init__(self, model, tokenizer, n_seqs: int = 8, max_len: int = 32, seed: int = 0, punctuation: bool = False,
-                 probes: int = 2, names: Collection[str] | None = None) -> None:
+                 probes: int = 2, names: Collection[str] | None = None, batch: int = 0, moments=None) -> None:
         import torch
 
         ids, mask = synthetic_batch(tokenizer, n_seqs, max_len, seed, punctuation=punctuation)
@@ -200,35 +207,41 @@ class JacobianSensitivity:
         was = {n: p.requires_grad for n, p in params.items()}
         gen = torch.Generator().manual_seed(seed)
         self.column = {}
-        real = mask.bool()
+        self.energy = 0.0
         tables = {f"{m}.weight": mod for m, mod in model.named_modules()
                   if isinstance(mod, torch.nn.Embedding) and f"{m}.weight" in params}
         looked_up: dict = {}  # each table's output, where it has one vector per token of the batch
         hooks = [mod.register_forward_hook(lambda mod, inp, out, n=n: looked_up.__setitem__(n, out))
                  for n, mod in tables.items()]
         sums = {}
+        count = 0
         try:
             for p in params.values():
                 p.requires_grad_(True)
-            with torch.enable_grad():
-                h = model(input_ids=ids, attention_mask=mask).last_hidden_state[real]
-                self.energy = float(torch.sum(h.detach().double() ** 2))
-                names = list(params)
-                outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)]
-                for i in range(probes):
-                    v = torch.randn(h.shape, generator=gen, dtype=h.dtype)
-                    grads = torch.autograd.grad(h, [params[n] for n in names] + [looked_up[n] for n in outs],
-                                                grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
-                    for n, g in zip(names, grads):
-                        if g is not None:  # squared in place: the gradients are this call's own
-                            if n in self.column:
-                                self.column[n] += g.detach().square_()
-                            else:
-                                self.column[n] = g.detach().square_()
-                    for n, g in zip(outs, grads[len(names):]):
-                        if g is not None:
-                            g = g[real].double()
-                            sums[n] = sums[n] + g.T @ g if n in sums else g.T @ g
+            for rows, span in _batches(mask, batch):
+                real = mask[rows, span].bool()
+                if moments is not None:  # the feedback's moments, from the same forward pass
+                    moments.batch(real)
+                with torch.enable_grad():
+                    h = model(input_ids=ids[rows, span], attention_mask=mask[rows, span]).last_hidden_state[real]
+                    self.energy += float(torch.sum(h.detach().double() ** 2))
+                    names = list(params)
+                    outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)]
+                    for i in range(probes):
+                        v = torch.randn(h.shape, generator=gen, dtype=h.dtype)
+                        grads = torch.autograd.grad(h, [params[n] for n in names] + [looked_up[n] for n in outs],
+                                                    grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
+                        for n, g in zip(names, grads):
+                            if g is not None:  # squared in place: the gradients are this call's own
+                                if n in self.column:
+                                    self.column[n] += g.detach().square_()
+                                else:
+                                    self.column[n] = g.detach().square_()
+                        for n, g in zip(outs, grads[len(names):]):
+                            if g is not None:
+                                g = g[real].double()
+                                sums[n] = sums[n] + g.T @ g if n in sums else g.T @ g
+                count += probes * int(real.sum())
         finally:
             for hook in hooks:
                 hook.remove()
@@ -238,7 +251,6 @@ class JacobianSensitivity:
             if n not in self.column:
                 self.column[n] = torch.zeros_like(p)
             self.column[n] /= probes
-        count = probes * int(real.sum())
         self.output_moments = {n: (g / count).to(torch.float32) for n, g in sums.items() if float(g.trace()) > 0}
 
     def columns_of(self, name: str) -> np.ndarray:
@@ -252,6 +264,24 @@ class JacobianSensitivity:
         p = self.params[name].detach()
         d = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).reshape(p.shape) - p
         return float(torch.sum(d.double() ** 2 * self.column[name].double())) / max(self.energy, 1e-300)
+
+
+def _batches(mask, batch: int):
+    """``(rows, span)`` of each pass over the sentences of ``mask``: all at once in their
+    order (``batch`` 0), or ``batch`` at a time shortest first, each cut to the positions its
+    own sentences fill (what their padding would cost otherwise)."""
+    import torch
+
+    if not batch:
+        return [(torch.arange(mask.shape[0]), slice(0, mask.shape[1]))]
+    real = mask.bool()
+    order = torch.argsort(real.sum(1), stable=True)
+    out = []
+    for s in range(0, mask.shape[0], batch):
+        rows = order[s : s + batch]
+        filled = torch.nonzero(real[rows].any(0)).flatten()
+        out.append((rows, slice(int(filled[0]), int(filled[-1]) + 1) if len(filled) else slice(0, 1)))
+    return out
 
 
 def _layer_stack(model) -> list[tuple[str, object]]:

@@ -116,7 +116,7 @@ def embedding_tables(model, names: Sequence[str]) -> list[str]:
 def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batch: int = BATCH,
                   diagonal: bool | Collection[str] = False,
                   shared: dict | None = None, progress: Callable[[], None] | None = None, dtype: str = "float32",
-                  group: int = 0) -> dict:
+                  group: int = 0, recorder: "MomentsRecorder | None" = None) -> dict:
     """``E[x x^T]`` (float32 torch tensors) of the input of every nn.Linear whose weight is
     named in ``weights``, over the real tokens of the batch (products and their sums over
     batches in float32: relative rounding about 1e-6, well below what the sample of
@@ -144,80 +144,108 @@ def input_moments(model, input_ids, attention_mask, weights: Sequence[str], batc
     (the loudest ``group``, the next, ...), and only each group's own block of the moments
     is formed: a :class:`GroupedMoments` (the inputs are kept until the pass ends, when the
     ranking is known). On a 3072-wide input cut into four groups that is a quarter of the
-    products."""
+    products.
+
+    ``recorder``: a :class:`MomentsRecorder` already open on ``model`` (for these
+    ``weights``, ``diagonal`` and ``group``), whose sums so far count too: the moments of
+    the passes it saw and of these sentences together. It is closed either way."""
     import torch
 
     if dtype not in CALIBRATION_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(CALIBRATION_DTYPES)}, got {dtype!r}")
     half = (fast_dtype() if dtype == "auto" else dtype) == "bfloat16"
-    only_diag = set(weights) if diagonal is True else set(diagonal or ())
-    mods = dict(model.named_modules())
-    sums: dict = {}
-    count: dict = {}
-    cur: dict = {"last": None}
-    first: dict = {}
-    kept: dict = {}  # grouped inputs: their real tokens, batch by batch
-    hooks = []
-    for w in weights:
-        m = mods.get(w.rsplit(".", 1)[0])
-        if not isinstance(m, torch.nn.Linear):
-            continue
+    from .calibrate import _batches
 
-        def hook(mod, inp, out, w=w):
-            x = inp[0]
-            if x.dim() != 3:
-                return
-            # Linears called one after the other on the same tensor (query, key and value)
-            # share one product, summed once under the first one's name (a diagonal one
-            # shared only by those that need no more)
-            diag = w in only_diag
-            last = cur["last"]
-            if last is None or last[0] is not x or (last[2] and not diag):
-                last = cur["last"] = (x, w, diag)
-                xm = x[cur["mask"]]
-                if diag:
-                    prod = (xm.to(torch.float64) ** 2).sum(0)
-                    sums[w] = sums[w] + prod if w in sums else prod
-                elif group and xm.shape[1] > group:
-                    kept.setdefault(w, []).append(xm)
-                else:  # float32 sums of the upper bands only: the lower ones are their mirror image
-                    xm = xm.to(torch.float32)
-                    acc = sums.get(w)
-                    if acc is None:  # a normal tensor, not an inference one: returned without a copy
-                        with torch.inference_mode(False):
-                            acc = sums[w] = torch.zeros((xm.shape[1], xm.shape[1]), dtype=torch.float32)
-                    _add_upper(acc, xm)
-                count[w] = count.get(w, 0) + xm.shape[0]
-            first.setdefault(w, last[1])
-
-        hooks.append(m.register_forward_hook(hook))
+    rec = recorder if recorder is not None else MomentsRecorder(model, weights, diagonal, group)
     mask = attention_mask.bool()
-    order = torch.argsort(mask.sum(1), stable=True)
     try:
         with torch.inference_mode():
-            for s in range(0, input_ids.shape[0], batch):
-                rows = order[s : s + batch]
-                filled = torch.nonzero(mask[rows].any(0)).flatten()
-                span = slice(int(filled[0]), int(filled[-1]) + 1) if len(filled) else slice(0, 1)
-                cur["mask"] = mask[rows, span]
-                cur["last"] = None
+            for rows, span in _batches(mask, batch):
+                rec.batch(mask[rows, span])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
                     model(input_ids=input_ids[rows, span], attention_mask=attention_mask[rows, span])
                 if progress is not None:
                     progress()
     finally:
-        for h in hooks:
+        rec.close()
+    return rec.means(shared)
+
+
+class MomentsRecorder:
+    """Hooks on ``model`` that sum what :func:`input_moments` returns over every forward
+    pass while open, whoever runs it (the gains' passes, :class:`gobo.calibrate.JacobianSensitivity`,
+    count as well as :func:`input_moments`' own): before each pass, :meth:`batch` gives the
+    mask of its real tokens. :meth:`close` removes the hooks, :meth:`means` gives the moments."""
+
+    def __init__(self, model, weights: Sequence[str], diagonal: bool | Collection[str] = False, group: int = 0) -> None:
+        import torch
+
+        self.group = group
+        only_diag = set(weights) if diagonal is True else set(diagonal or ())
+        mods = dict(model.named_modules())
+        sums = self.sums = {}
+        count = self.count = {}
+        cur = self.cur = {"last": None, "mask": None}
+        first = self.first = {}
+        kept = self.kept = {}  # grouped inputs: their real tokens, batch by batch
+        self.hooks = []
+        for w in weights:
+            m = mods.get(w.rsplit(".", 1)[0])
+            if not isinstance(m, torch.nn.Linear):
+                continue
+
+            def hook(mod, inp, out, w=w):
+                x = inp[0]
+                if x.dim() != 3:
+                    return
+                # Linears called one after the other on the same tensor (query, key and value)
+                # share one product, summed once under the first one's name (a diagonal one
+                # shared only by those that need no more)
+                diag = w in only_diag
+                last = cur["last"]
+                if last is None or last[0] is not x or (last[2] and not diag):
+                    last = cur["last"] = (x, w, diag)
+                    xm = x.detach()[cur["mask"]]  # no gradient through the sums, in a pass that takes them
+                    if diag:
+                        prod = (xm.to(torch.float64) ** 2).sum(0)
+                        sums[w] = sums[w] + prod if w in sums else prod
+                    elif group and xm.shape[1] > group:
+                        kept.setdefault(w, []).append(xm)
+                    else:  # float32 sums of the upper bands only: the lower ones are their mirror image
+                        xm = xm.to(torch.float32)
+                        acc = sums.get(w)
+                        if acc is None:  # a normal tensor, not an inference one: returned without a copy
+                            with torch.inference_mode(False):
+                                acc = sums[w] = torch.zeros((xm.shape[1], xm.shape[1]), dtype=torch.float32)
+                        _add_upper(acc, xm)
+                    count[w] = count.get(w, 0) + xm.shape[0]
+                first.setdefault(w, last[1])
+
+            self.hooks.append(m.register_forward_hook(hook))
+
+    def batch(self, mask) -> None:
+        """The next pass's real tokens (bool, sentences x positions)."""
+        self.cur["mask"], self.cur["last"] = mask, None
+
+    def close(self) -> None:
+        for h in self.hooks:
             h.remove()
-        cur["last"] = None
-    if shared is not None:
-        shared.update(first)
-    means = {}
-    for k, acc in sums.items():
-        mean = _mirror(acc) if acc.dim() == 2 else acc.clone()  # the diagonal's sums are inference tensors
-        means[k] = mean.div_(count[k])
-    for k, xs in kept.items():
-        means[k] = GroupedMoments.of(torch.cat(xs), group)
-    return {w: means[first[w]] for w in first}
+        self.hooks = []
+        self.cur["last"] = None
+
+    def means(self, shared: dict | None = None) -> dict:
+        """The moments of every input seen (:func:`input_moments`' result); ``shared`` as there."""
+        import torch
+
+        if shared is not None:
+            shared.update(self.first)
+        means = {}
+        for k, acc in self.sums.items():
+            mean = _mirror(acc) if acc.dim() == 2 else acc.clone()  # the diagonal's sums are inference tensors
+            means[k] = mean.div_(self.count[k])
+        for k, xs in self.kept.items():
+            means[k] = GroupedMoments.of(torch.cat(xs), self.group)
+        return {w: means[self.first[w]] for w in self.first}
 
 
 def _add_upper(acc, x) -> None:

@@ -131,6 +131,17 @@ def encode_modelled(codes: np.ndarray, nsym: int) -> tuple[np.ndarray, np.ndarra
     return _encode(codes, freq), freq
 
 
+def code_length(counts: np.ndarray, nsym: int) -> float:
+    """Bits that codes with these ``counts`` of each value (below ``nsym``) take under their
+    own static model (:func:`model`): the stream :func:`encode_modelled` writes, to within
+    the coder's renormalisation and its lanes' final states."""
+    n = np.zeros(nsym, dtype=np.int64)
+    n[: len(counts)] = counts
+    freq = _model(n, nsym).astype(np.float64)
+    seen = n > 0
+    return float(np.dot(n[seen], np.log2(M / freq[seen])))
+
+
 def counts(codes: np.ndarray, nsym: int) -> np.ndarray:
     """How often each value below ``nsym`` occurs in flat uint8 ``codes`` (int64), counted a
     block at a time (a whole-array count would widen every code to 8 bytes first)."""

@@ -56,11 +56,9 @@ GRID = 128
 #: 95.81% and 95.61% to 96.03% and 95.64%, and the accuracy delta from -0.62 and -0.59 points
 #: to -0.28 and -0.51
 SENSITIVITY_SENTENCES = 16
-#: allocate="sensitivity": random output directions of the first-order gains
-#: (:class:`gobo.calibrate.JacobianSensitivity`). More buy little: on all-mpnet-base-v2 the
-#: tensors' steps from 2 directions differ from those from 8 by 2.3% (rms; 1 direction: 3.4%),
-#: less than another seed of the sentences moves them (4.7%), at a quarter of the backward passes
-SENSITIVITY_PROBES = 2
+#: shared_pass: the gains' sentences per forward and backward pass (shortest first): 16 sentences of 11
+#: to 39 tokens padded to 39 fill 624 positions with 357 tokens, two passes of 8 fill 496
+SENSITIVITY_BATCH = 8
 #: allocate="sensitivity": no tensor's relative step is more than this many times the geometric
 #: mean of all tensors' steps, nor less than its inverse
 MAX_FACTOR = 4.0
@@ -74,6 +72,27 @@ def _f16(a) -> np.ndarray:
     """float32 values as the float16 numbers the file holds (positive, finite)."""
     tiny = 2.0**-14  # float16's smallest normal: no step rounds to zero
     return np.clip(np.nan_to_num(np.asarray(a, dtype=np.float64), nan=tiny), tiny, 65504.0).astype(np.float16)
+
+
+class _Scaled:
+    """``W' = W diag(s)^{-1}`` (float32, rows x cols), divided a block of rows at a time
+    where it is read rather than held whole: ``[rows]`` gives those rows' values,
+    :meth:`flat` the values at flat positions."""
+
+    def __init__(self, w: np.ndarray, s: np.ndarray) -> None:
+        self.w, self.s = w, s.astype(np.float32)
+        self.shape, self.size = w.shape, w.size
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.w[rows] / self.s
+
+    def flat(self, idx: np.ndarray) -> np.ndarray:
+        return self.w.reshape(-1)[idx] / self.s[idx % self.shape[1]]
+
+
+def _flat(w2, idx: np.ndarray) -> np.ndarray:
+    """The values of ``w2`` (an array or :class:`_Scaled`) at flat positions ``idx``."""
+    return w2.flat(idx) if isinstance(w2, _Scaled) else w2.reshape(-1)[idx]
 
 
 def _spread(w2: np.ndarray) -> np.ndarray:
@@ -229,7 +248,7 @@ def coding_form(w2: np.ndarray, steps: np.ndarray, scale: np.ndarray | None, sha
     cb = (np.arange(2 * GRID, dtype=np.float32) - GRID)[None, :] * steps.astype(np.float32)[:, None]
     idx = np.flatnonzero(out.reshape(-1)).astype(np.int64)
     return QuantizedTensor.from_codes(codes.reshape(-1), shape=shape, bits=8, codebook=cb, group_rows=1,
-                                      outlier_index=idx, outlier_value=w2.reshape(-1)[idx].astype(np.float32),
+                                      outlier_index=idx, outlier_value=_flat(w2, idx).astype(np.float32),
                                       col_scale=scale, method="gobo")
 
 
@@ -259,21 +278,39 @@ def _finished(codes: np.ndarray, shape: tuple[int, ...], steps: np.ndarray, outl
         method="gobo", compact=True, col_scale=col_scale, entropy=True)
 
 
-def _rounded_finished(w2: np.ndarray, steps: np.ndarray, shape: tuple[int, ...]):
-    """:func:`finish` of :func:`coding_form` without feedback (no column scale), straight
-    from the levels."""
+def _rounded_levels(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(codes, outlier_index, outlier_value)`` of ``w2`` rounded to its rows' grids, as
+    :func:`_finished` takes them (the codes flat, a weight beyond the grid at level 0): what
+    :func:`finish` of :func:`coding_form` without feedback starts from."""
     codes, out = levels(w2, steps)
     idx = np.flatnonzero(out.reshape(-1)).astype(np.int64)
-    return _finished(codes.reshape(-1), shape, steps, idx, w2.reshape(-1)[idx].astype(np.float32), None)
+    return codes.reshape(-1), idx, _flat(w2, idx).astype(np.float32)
+
+
+def _model_bits(codes: np.ndarray, outlier_index: np.ndarray, outlier_value: np.ndarray, rows: int, cols: int) -> float:
+    """Bits of the :func:`_finished` tensor of these levels (no column scale) but for the
+    coder's own rounding: the levels' code length under the static model the coder will
+    use (:func:`gobo.rans.code_length`), outliers' values, lanes, model, steps."""
+    from .. import rans
+
+    n = rans.counts(codes, 2 * GRID)  # outliers among level 0's, as :func:`levels` codes them
+    used = np.flatnonzero(n)
+    lo, span = int(used[0]), int(used[-1] - used[0]) + 1
+    levels_bits = rans.code_length(n[lo : lo + span], 1 << max(1, (span - 1).bit_length()))
+    return levels_bits + 32 * len(outlier_index) + _overhead_bits(rows, cols, False, span)
 
 
 def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitivity: Callable[[str, np.ndarray], float],
-                 probe: float = 0.5) -> dict[str, float]:
+                 probe: float = 0.5, expected: bool = False) -> dict[str, float]:
     """``allocate="sensitivity"``: each tensor's step relative to the others',
     ``sqrt(n_t / g_t)`` (geometric mean 1), ``n_t`` its weights and ``g_t`` its gain, the
     relative output error per unit of relative weight error (``sensitivity``, on synthetic
     sentences: :class:`gobo.calibrate.JacobianSensitivity` in :func:`gobo.quantize`) with the
-    tensor rounded to its grid at relative step ``probe``. The output error ``sum g_t c_t^2 / 12`` at a fixed size
+    tensor rounded to its grid at relative step ``probe``; with ``expected`` (first-order gains
+    only), under the error rounding is expected to make instead, in proportion to each row's
+    spread: ``g_t = sum_r var_r S_r / (cols sum_r var_r) * |W_t|^2 / |h|^2``, ``S_r`` the sum of
+    row ``r``'s ``|J_i|^2``, one pass over the squared gradients and no rounding (the rounded
+    error's ``d_i^2`` is that expectation plus noise). The output error ``sum g_t c_t^2 / 12`` at a fixed size
     ``sum n_t (h_t - log2 c_t)`` is least when ``c_t^2`` is proportional to ``n_t / g_t``.
     Bounded to ``[1 / MAX_FACTOR, MAX_FACTOR]``."""
     from .uniform import as_rows
@@ -304,19 +341,38 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
             g = sums[2] / max(sensitivity.energy, 1e-300) / err
         else:
             g = sensitivity(n, q.reshape(w32.shape)) / err
-        g = float(f"{max(g, 1e-6):.3g}")  # rounded: float noise in the measurement cannot move a step
-        return math.sqrt(w.size / g)
+        return _relative_step(w.size, g)
 
+    def expected_relative(n: str) -> float:
+        w = as_rows(state[n])[1]
+        col = columns(n).reshape(w.shape)
+        var, gained = np.empty(w.shape[0]), np.empty(w.shape[0])  # each row's variance, its sum of |J_i|^2
+        sq = 0.0
+        for a, b in row_blocks(*w.shape):
+            var[a:b] = w[a:b].var(axis=1, dtype=np.float64)  # a constant row's rounding makes no error
+            gained[a:b] = col[a:b].sum(axis=1, dtype=np.float64)
+            sq += float(np.square(w[a:b], dtype=np.float64).sum())
+        g = float(np.dot(var, gained)) / max(w.shape[1] * float(var.sum()), 1e-300) * sq / max(sensitivity.energy, 1e-300)
+        return _relative_step(w.size, g)
+
+    if expected and columns is None:
+        raise ValueError("expected gains need first-order gains (a sensitivity with columns_of)")
     if columns is None:  # a sensitivity that runs the model: one tensor at a time
         out = {n: relative(n) for n in names}
     else:  # the tensors side by side (numpy releases the GIL)
         with tensor_pool(len(names)) as pool:
-            out = dict(zip(names, pool.map(relative, names)))
+            out = dict(zip(names, pool.map(expected_relative if expected else relative, names)))
     mean = math.exp(float(np.mean([math.log(v) for v in out.values()])))
     # bounded: a tensor whose error does not reach the last hidden state (a pooler) may still
     # feed an output the sentences do not measure; it gets steps at most MAX_FACTOR times the
     # middle one (about 2 bits fewer), not none
     return {n: min(max(v / mean, 1 / MAX_FACTOR), MAX_FACTOR) for n, v in out.items()}
+
+
+def _relative_step(size: int, gain: float) -> float:
+    """``sqrt(size / gain)``, the gain rounded to 3 digits: float noise in its measurement
+    cannot move a step."""
+    return math.sqrt(size / float(f"{max(gain, 1e-6):.3g}"))
 
 
 def _rounded(w2: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -367,9 +423,9 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
         with one_per_thread() as solo:
             scales = dict(zip(keys, solo.map(lambda k: column_scale(h[k], config.feedback_damp), keys)))
 
-    def coding_weights(n: str) -> np.ndarray:
+    def coding_weights(n: str):
         w = as_rows(state[n])[1]
-        return w / scales[shared.get(n, n)].astype(np.float32) if n in fed else w
+        return _Scaled(w, scales[shared.get(n, n)]) if n in fed else w
 
     w2 = dict(zip(names, pool.map(coding_weights, names)))
     total = sum(w2[n].size for n in names)
@@ -412,13 +468,20 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
         c_rest = _solve(bits_of(rest), left) if fed else c
         n_rest = sum(w2[n].size for n in rest)
         for _ in range(4):  # the samples' estimate, corrected on the exact sizes while they exceed the budget
-            for n in rest:
-                steps[n] = row_steps(w2[n], c_rest * m[n], spread[n])
-            out.update(zip(rest, pool.map(lambda n: _rounded_finished(w2[n], steps[n], tuple(np.shape(state[n]))), rest)))
+            for _ in range(4):  # first on the levels' code length under their model: not coded while over it
+                for n in rest:
+                    steps[n] = row_steps(w2[n], c_rest * m[n], spread[n])
+                rounded = dict(zip(rest, pool.map(lambda n: _rounded_levels(w2[n], steps[n]), rest)))
+                excess = sum(pool.map(lambda n: _model_bits(*rounded[n], *w2[n].shape), rest)) - left
+                if excess <= 0:
+                    break
+                c_rest *= 2.0 ** (excess / n_rest) * 1.001  # about one bit fewer per doubling of the step
+            out.update(zip(rest, pool.map(lambda n: _finished(rounded[n][0], tuple(np.shape(state[n])), steps[n],
+                                                              *rounded[n][1:], None), rest)))
             excess = sum(pool.map(lambda n: tensor_bits(out[n]), rest)) - left
             if excess <= 0:
                 break
-            c_rest *= 2.0 ** (excess / n_rest) * 1.001  # about one bit fewer per doubling of the step
+            c_rest *= 2.0 ** (excess / n_rest) * 1.001
         if progress is not None:
             for n in rest:
                 progress(n)
