@@ -29,8 +29,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"])
     ap.add_argument("--methods", nargs="+", default=["gobo", "gobo-paper", "directq", "gobo-rows-act", "gobo-rows-act-fb",
                                                         "gobo-rows-act-fb-mixed", "gobo-rows-act-fb-mixed-grouped",
-                                                        "gobo-rows-act-fb-mixed-fast", "gobo-grid"],
-                    help="method names (gobo-grid: entropy-coded grids, timed as a whole gobo.quantize call), or gobo-rows-act: per-row codebooks and activation-weighted outliers "
+                                                        "gobo-rows-act-fb-mixed-fast", "gobo-grid", "gobo-grid-fast"],
+                    help="method names (gobo-grid, gobo-grid-fast: entropy-coded grids, timed as a whole gobo.quantize call), or gobo-rows-act: per-row codebooks and activation-weighted outliers "
                          "(the timing includes the forward pass over the synthetic sentences it measures), or "
                          "gobo-rows-act-fb: the same with error feedback on those sentences (timed as a whole "
                          "gobo.quantize call, loading the model from disk included), or gobo-rows-act-fb-mixed: "

@@ -202,7 +202,7 @@ ERRORS = {
     "inspect-tampered": (lambda t, fx: ["inspect", fx["tampered"]], r"checksum"),
     "eval-not-gobo": (lambda t, fx: ["eval", fx["minilm"]], r"not a gobo model directory.*gobo quantize"),
     "nan-weights": (lambda t, fx: ["quantize", fx["nan"], "-o", "out"], r"query\.weight.*NaN"),
-    "avg-bits-not-gobo": (lambda t, fx: ["quantize", "minilm-l6", "-o", "out", "--method", "directq", "--avg-bits", "2.5"], r"--avg-bits applies to --method gobo or gobo-grid only"),
+    "avg-bits-not-gobo": (lambda t, fx: ["quantize", "minilm-l6", "-o", "out", "--method", "directq", "--avg-bits", "2.5"], r"--avg-bits applies to --method gobo, gobo-grid or gobo-grid-fast only"),
     "size-too-small": (lambda t, fx: ["quantize", "minilm-l6", "-o", "out", "--size-mb", "3"], r"3 MB file means 1\.\d\d bits per weight; choose a size from"),
     "no-matching-weights": (lambda t, fx: ["quantize", fx["tiny"], "-o", "out", "--include", "nothing*"], r"no weights to quantize"),
 }

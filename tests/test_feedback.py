@@ -801,7 +801,7 @@ def test_cli_bits_for(tmp_path, capsys):
     assert cm.quantized["encoder.layer.1.intermediate.dense.weight"].bits == 4
     assert cm.quantized["encoder.layer.1.output.dense.weight"].bits == 3 and cm.config.compact
     for args, match in [(["--bits-for", "*=x"], "GLOB=BITS"), (["--bits-for", "*=4", "--allocate", "size"], "--allocate uniform"),
-                        (["--bits-for", "*=4", "--method", "directq"], "gobo, gobo-paper or gobo-grid"), (["--bits-for", "*=9"], "from 1 to 8")]:
+                        (["--bits-for", "*=4", "--method", "directq"], "gobo, gobo-paper, gobo-grid or gobo-grid-fast"), (["--bits-for", "*=9"], "from 1 to 8")]:
         assert main(["quantize", "minilm-l6", "-o", str(tmp_path / "bad"), *args, "-q"]) != 0
         assert match in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()

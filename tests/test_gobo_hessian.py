@@ -146,7 +146,7 @@ def test_cli_allocate(tmp_path, monkeypatch, capsys):
     data = json.loads(capsys.readouterr().out)["config"]["data"]
     assert data["allocate"] == "hessian" and data["layer_omega"] == [16.2, 23.2, 31.0, 56.6, 98.9, 79.7]
     for extra, msg in [(["--allocate", "fisher"], "invalid choice: 'fisher'"),
-                       (["--allocate", "hessian", "--method", "directq"], "--allocate applies to --method gobo or gobo-grid only"),
+                       (["--allocate", "hessian", "--method", "directq"], "--allocate applies to --method gobo, gobo-grid or gobo-grid-fast only"),
                        (["--allocate", "uniform", "--avg-bits", "2.5"], "average needs a mixed allocation")]:
         try:
             rc = main(["quantize", "minilm-l6", "-o", str(tmp_path / "x"), *extra])

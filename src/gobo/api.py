@@ -97,13 +97,23 @@ def quantize(
         from .calibrate import JacobianSensitivity, OutputSensitivity, match_output_means
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sens = None
+    sens = recorder = None
     if calibrated and config.allocate == "sensitivity":
-        from .methods.grid import SENSITIVITY_PROBES, SENSITIVITY_SENTENCES
+        from .methods.grid import SENSITIVITY_BATCH, SENSITIVITY_SENTENCES
 
         if config.codebook == "grid":  # grids weigh their steps by first-order gains on more, punctuated sentences
-            sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, punctuation=True,
-                                       probes=SENSITIVITY_PROBES, names=names)
+            if config.shared_pass:  # whose forward passes give the feedback's moments on them too
+                from .feedback import MomentsRecorder
+
+                recorder = MomentsRecorder(src, sorted(refed), group=config.feedback_group)
+            try:
+                sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, punctuation=True,
+                                           probes=config.sensitivity_probes, names=names,
+                                           batch=SENSITIVITY_BATCH if config.shared_pass else 0, moments=recorder)
+            except BaseException:
+                if recorder is not None:
+                    recorder.close()
+                raise
         else:
             sens = OutputSensitivity(src, tokenizer, n_seqs=8)
     moments = _shared_moments(config, src, tokenizer, names, calibration_texts, cb) if fed_back and act else None
@@ -117,7 +127,8 @@ def quantize(
     # Linears it reaches (a pooler's 2-D input is not fed back and keeps its codes)
     recoded = {n for n in refed if n in moments[0]} if moments is not None else set()
     if isinstance(config, GoboConfig) and config.codebook == "grid":
-        cm = _grid(config, src, tokenizer if fed_back else None, state, names, refed, calibration_texts, cb, sens)
+        cm = _grid(config, src, tokenizer if fed_back else None, state, names, refed, calibration_texts, cb, sens,
+                   recorder)
     else:
         cm = quantize_state(state, names, config, progress=cb, sensitivity=sens, input_energy=energy, recoded=recoded)
     if fed_back and config.codebook != "grid":
@@ -135,9 +146,11 @@ def quantize(
 
 
 def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], refed: set[str], texts, progress=None,
-          sensitivity=None):
+          sensitivity=None, recorder=None):
     """A grid config's model (:mod:`gobo.methods.grid`): with feedback, the Linears' input
-    moments first (their column scales), then the codes chosen by error feedback."""
+    moments first (their column scales), then the codes chosen by error feedback;
+    ``recorder``: the moments of the gains' passes (``shared_pass``), to which those of the
+    rest of the feedback's sentences are added."""
     from . import feedback
     from .methods import grid
     from .quantizer import check_names, measure_all
@@ -146,12 +159,12 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
     moments, feed = None, None
     if config.feedback:
         ids, mask = feedback.calibration_batch(tokenizer, texts if config.feedback == "texts" else None,
-                                               config.feedback_texts, seed=config.synthetic_seed,
+                                               _own_texts(config), seed=config.synthetic_seed,
                                                punctuation=config.synthetic == "punct")
         shared: dict = {}
         step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
         h = feedback.input_moments(src, ids, mask, sorted(refed), shared=shared, progress=step,
-                                   dtype=config.calibration_dtype, group=config.feedback_group)
+                                   dtype=config.calibration_dtype, group=config.feedback_group, recorder=recorder)
         if config.feedback_embeddings:  # the tables, under their output gradients' moments (the gains' passes)
             table_moments = {n: g for n, g in sensitivity.output_moments.items() if n in names}
             h.update(table_moments)
@@ -167,7 +180,8 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
                                  moments=moments, progress=progress, dtype=config.calibration_dtype)
             _check_reached(coding, fed)
             return fed
-    factors = grid.step_factors(state, names, sensitivity) if config.allocate == "sensitivity" else None
+    factors = grid.step_factors(state, names, sensitivity, expected=config.expected_gains) \
+        if config.allocate == "sensitivity" else None
     tables = feedback.embedding_tables(src, names) if config.feedback_embeddings else []
     quantized, _ = grid.quantize(state, names, config, moments, sorted(refed), feed, progress=progress, factors=factors,
                                  measured=tables)
@@ -210,8 +224,16 @@ def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
     per nn.Linear weight."""
     from .feedback import BATCH, embedding_tables, linear_weights
 
-    n = len(texts) if config.feedback == "texts" else config.feedback_texts
+    n = len(texts) if config.feedback == "texts" else _own_texts(config)
     return -(-n // BATCH) + len(linear_weights(src, names)) + (len(embedding_tables(src, names)) if config.feedback_embeddings else 0)
+
+
+def _own_texts(config: GoboConfig) -> int:
+    """The feedback's sentences that pass through the model for its moments alone: all of
+    them, but those of the gains' passes with ``shared_pass``."""
+    from .methods.grid import SENSITIVITY_SENTENCES
+
+    return config.feedback_texts - (SENSITIVITY_SENTENCES if config.shared_pass else 0)
 
 
 def _shared_moments(config: GoboConfig, src, tokenizer, names: list[str], texts, progress=None):

@@ -64,6 +64,7 @@ def default_rows(qat: bool = True) -> list[Row]:
     rows.append(Row("gobo-paper-3", "GOBO 3 (paper recipe)", "quantize", GoboConfig.paper(3)))
     rows += [Row(f"gobo-{b}", f"GOBO {b}", "quantize", sweep_config("gobo", b)) for b in (4, 3, 2)]
     rows.append(Row("gobo-grid-3", "GOBO grid 3 (entropy coded)", "quantize", GoboConfig.grid(3)))
+    rows.append(Row("gobo-grid-fast-3", "GOBO grid 3, fast (entropy coded)", "quantize", GoboConfig.grid_fast(3)))
     rows.append(Row("gobo-mp-2.5", "GOBO MP 2.5", "quantize", GoboConfig(average=2.5)))
     rows.append(Row("gobo-mp-2.5-hessian", "GOBO MP 2.5 (Hessian)", "quantize", GoboConfig(average=2.5, allocate="hessian"), data=True))
     return rows

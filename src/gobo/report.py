@@ -91,6 +91,9 @@ def summarize(cm: CompressedModel, file_path: str | Path | None = None) -> Model
         elif c == GoboConfig.grid(c.bits, average=c.average, synthetic_seed=c.synthetic_seed,
                                   calibration_dtype=c.calibration_dtype):
             method = "gobo-grid"
+        elif c == GoboConfig.grid_fast(c.bits, average=c.average, synthetic_seed=c.synthetic_seed,
+                                       calibration_dtype=c.calibration_dtype):
+            method = "gobo-grid-fast"
         else:
             method = "gobo" + ("+rows" if c.codebook == "row" else "") + ("+grid" if c.codebook == "grid" else "") \
                 + ("+sensitivity" if c.allocate == "sensitivity" else "") + ("+feedback" if c.feedback else "") + ("+tables" if c.feedback_embeddings else "") \
