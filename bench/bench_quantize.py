@@ -1,7 +1,8 @@
 """Quantization time against encoding time, measured in one run on the same machine.
 
 The target: quantizing a model takes less time than encoding 256 test sentences with it.
-Prints a table and writes JSON (speed as a ratio against the encoding baseline). For the
+Prints a table and writes JSON (speed as a ratio against the encoding baseline, each the
+best of ``--repeat`` runs taken by turns with the others, every run's time kept). For the
 methods that run the model over sentences (error feedback, gobo-grid's gains) the fastest
 run's passes over them are timed inside the call too ("passes"): the part of the time that
 no work on the weights can take back.
@@ -40,7 +41,7 @@ def main() -> int:
                          "gobo-rows-act-fb-mixed-fast: that with the feed-forward output matrices (3072-wide inputs "
                          "in BERT-base-size models) left out of the feedback")
     ap.add_argument("--sentences", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=2, help="best of N for each timing")
+    ap.add_argument("--repeat", type=int, default=2, help="best of N for each timing, the N runs by turns")
     ap.add_argument("--out", default="bench/results/quantize.json")
     args = ap.parse_args()
 
@@ -105,17 +106,16 @@ def main() -> int:
         tok = AutoTokenizer.from_pretrained(str(path))
         state = state_numpy(model)
         names = quantizable_names(model)
-        enc = []
+        enc: list = []
+        runs = {m: ([], []) for m in args.methods}  # each method's times and passes, run by run
+        # by turns (the encoding, then every method, again): a machine that speeds up or slows
+        # down during the benchmark moves the baseline and the methods alike
         for _ in range(args.repeat):
             t = time.perf_counter()
             encode(model, tok, texts, batch_size=32)
             enc.append(time.perf_counter() - t)
-        row = {"model": name, "threads": torch.get_num_threads(), "encode_seconds": min(enc), "sentences": len(texts),
-               "calibration_dtype": fast_dtype()}
-        for method in args.methods:
-            cfg = config_of(method)
-            qs, passes = [], []
-            for _ in range(args.repeat):
+            for method in args.methods:
+                cfg = config_of(method)
                 spent: list = []
                 t = time.perf_counter()
                 if getattr(cfg, "feedback", None):
@@ -126,10 +126,14 @@ def main() -> int:
                                           seed=getattr(cfg, "synthetic_seed", 0),
                                           dtype=getattr(cfg, "calibration_dtype", "float32")) if getattr(cfg, "act_outliers", 0) else None
                     quantize_state(state, names, cfg, input_energy=energy)
-                qs.append(time.perf_counter() - t)
-                passes.append(sum(spent))
+                runs[method][0].append(time.perf_counter() - t)
+                runs[method][1].append(sum(spent))
+        row = {"model": name, "threads": torch.get_num_threads(), "encode_seconds": min(enc), "sentences": len(texts),
+               "calibration_dtype": fast_dtype(), "encode_runs": enc}
+        for method, (qs, passes) in runs.items():
             row[f"{method}_seconds"] = min(qs)
             row[f"{method}_ratio_to_encode"] = min(qs) / min(enc)
+            row[f"{method}_runs"] = qs
             if any(passes):  # in the fastest run: how much of it the passes over sentences took
                 row[f"{method}_passes_seconds"] = passes[qs.index(min(qs))]
                 row[f"{method}_passes_ratio_to_encode"] = row[f"{method}_passes_seconds"] / min(enc)
