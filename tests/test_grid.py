@@ -401,7 +401,10 @@ def test_gobo_grid_fast_meets_the_minilm_line_on_a_test_subset(bench, tokenizer,
     inputs, the tables rounded): the same line, named as such in the report."""
     from gobo.report import summarize
 
-    cm = gobo.quantize("minilm-l6", GoboConfig.grid_fast(3))
+    calls = []
+    cm = gobo.quantize("minilm-l6", GoboConfig.grid_fast(3), progress=lambda name, total: calls.append((name, total)))
+    assert len(calls) == calls[-1][1]  # the progress count reaches its total: 16 sentences of their own, one batch
+    assert sum(name == feedback.CALIBRATION_STEP for name, _ in calls) == 1
     assert summarize(cm).method == "gobo-grid-fast"
     assert 2.99 <= _bits_per_weight(cm) <= 3.0
     gobo.save(cm, tmp_path / "m")
