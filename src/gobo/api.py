@@ -180,8 +180,8 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
                                  moments=moments, progress=progress, dtype=config.calibration_dtype)
             _check_reached(coding, fed)
             return fed
-    factors = grid.step_factors(state, names, sensitivity, expected=config.expected_gains) \
-        if config.allocate == "sensitivity" else None
+    factors = (grid.step_factors(state, names, sensitivity, expected=config.expected_gains)
+               if config.allocate == "sensitivity" else None)
     tables = feedback.embedding_tables(src, names) if config.feedback_embeddings else []
     quantized, _ = grid.quantize(state, names, config, moments, sorted(refed), feed, progress=progress, factors=factors,
                                  measured=tables)

@@ -215,6 +215,7 @@ class JacobianSensitivity:
                  for n, mod in tables.items()]
         sums = {}
         count = 0
+        measured = list(params)
         try:
             for p in params.values():
                 p.requires_grad_(True)
@@ -225,19 +226,18 @@ class JacobianSensitivity:
                 with torch.enable_grad():
                     h = model(input_ids=ids[rows, span], attention_mask=mask[rows, span]).last_hidden_state[real]
                     self.energy += float(torch.sum(h.detach().double() ** 2))
-                    names = list(params)
                     outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)]
                     for i in range(probes):
                         v = torch.randn(h.shape, generator=gen, dtype=h.dtype)
-                        grads = torch.autograd.grad(h, [params[n] for n in names] + [looked_up[n] for n in outs],
+                        grads = torch.autograd.grad(h, [params[n] for n in measured] + [looked_up[n] for n in outs],
                                                     grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
-                        for n, g in zip(names, grads):
+                        for n, g in zip(measured, grads):
                             if g is not None:  # squared in place: the gradients are this call's own
                                 if n in self.column:
                                     self.column[n] += g.detach().square_()
                                 else:
                                     self.column[n] = g.detach().square_()
-                        for n, g in zip(outs, grads[len(names):]):
+                        for n, g in zip(outs, grads[len(measured):]):
                             if g is not None:
                                 g = g[real].double()
                                 sums[n] = sums[n] + g.T @ g if n in sums else g.T @ g

@@ -286,8 +286,8 @@ def quantize_state(
 
         if config.allocate == "sensitivity" and sensitivity is None:
             raise ValueError("allocate='sensitivity' needs the model to measure output sensitivity; use gobo.quantize")
-        factors = grid.step_factors(state, names, sensitivity, expected=config.expected_gains) \
-        if config.allocate == "sensitivity" else None
+        factors = (grid.step_factors(state, names, sensitivity, expected=config.expected_gains)
+                   if config.allocate == "sensitivity" else None)
         quantized, _ = grid.quantize(state, names, config, progress=progress, factors=factors)
         stats = measure_all(state, {n: qt for n, qt in quantized.items() if n not in recoded})
         dense = {k: np.ascontiguousarray(v) for k, v in state.items() if k not in quantized}

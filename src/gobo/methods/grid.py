@@ -287,17 +287,18 @@ def _rounded_levels(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.n
     return codes.reshape(-1), idx, _flat(w2, idx).astype(np.float32)
 
 
-def _model_bits(codes: np.ndarray, outlier_index: np.ndarray, outlier_value: np.ndarray, rows: int, cols: int) -> float:
-    """Bits of the :func:`_finished` tensor of these levels (no column scale) but for the
-    coder's own rounding: the levels' code length under the static model the coder will
-    use (:func:`gobo.rans.code_length`), outliers' values, lanes, model, steps."""
+def _model_bits(codes: np.ndarray, outliers: int, rows: int, cols: int) -> float:
+    """Bits of the :func:`_finished` tensor of these levels (no column scale) with this many
+    outliers, but for the coder's own rounding: the levels' code length under the static
+    model the coder will use (:func:`gobo.rans.code_length`), outliers' values, lanes, model,
+    steps."""
     from .. import rans
 
     n = rans.counts(codes, 2 * GRID)  # outliers among level 0's, as :func:`levels` codes them
     used = np.flatnonzero(n)
     lo, span = int(used[0]), int(used[-1] - used[0]) + 1
     levels_bits = rans.code_length(n[lo : lo + span], 1 << max(1, (span - 1).bit_length()))
-    return levels_bits + 32 * len(outlier_index) + _overhead_bits(rows, cols, False, span)
+    return levels_bits + 32 * outliers + _overhead_bits(rows, cols, False, span)
 
 
 def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitivity: Callable[[str, np.ndarray], float],
@@ -467,21 +468,25 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
         left = budget - sum(pool.map(lambda n: tensor_bits(out[n]), fed))
         c_rest = _solve(bits_of(rest), left) if fed else c
         n_rest = sum(w2[n].size for n in rest)
+
+        def coarser(c: float, excess: float) -> float:  # about one bit fewer per doubling of the step
+            return c * 2.0 ** (excess / n_rest) * 1.001
+
         for _ in range(4):  # the samples' estimate, corrected on the exact sizes while they exceed the budget
             for _ in range(4):  # first on the levels' code length under their model: not coded while over it
                 for n in rest:
                     steps[n] = row_steps(w2[n], c_rest * m[n], spread[n])
                 rounded = dict(zip(rest, pool.map(lambda n: _rounded_levels(w2[n], steps[n]), rest)))
-                excess = sum(pool.map(lambda n: _model_bits(*rounded[n], *w2[n].shape), rest)) - left
+                excess = sum(pool.map(lambda n: _model_bits(rounded[n][0], len(rounded[n][1]), *w2[n].shape), rest)) - left
                 if excess <= 0:
                     break
-                c_rest *= 2.0 ** (excess / n_rest) * 1.001  # about one bit fewer per doubling of the step
+                c_rest = coarser(c_rest, excess)
             out.update(zip(rest, pool.map(lambda n: _finished(rounded[n][0], tuple(np.shape(state[n])), steps[n],
                                                               *rounded[n][1:], None), rest)))
             excess = sum(pool.map(lambda n: tensor_bits(out[n]), rest)) - left
             if excess <= 0:
                 break
-            c_rest *= 2.0 ** (excess / n_rest) * 1.001
+            c_rest = coarser(c_rest, excess)
         if progress is not None:
             for n in rest:
                 progress(n)
