@@ -261,6 +261,33 @@ def test_expected_gains_agree_with_those_of_a_rounding(minilm_fp32, minilm_state
         grid.step_factors(minilm_state, names[:1], lambda n, w: jac(n, w), expected=True)
 
 
+def test_row_gains_without_weight_gradients_equal_the_gradients_row_sums(minilm_fp32, minilm_state, tokenizer):
+    """``rows=True`` sums each Linear row's ``|J_i|^2`` as ``G_r^T (X X^T) G_r`` over the
+    real tokens instead of squaring the weight gradient: the same sums to float32 rounding
+    (tables and the pooler, whose gradients it still forms, as well), in one pass or in
+    batches, the same expected step factors, and no per-weight gains to ask for."""
+    from gobo.hf import quantizable_names
+    from gobo.methods import grid
+
+    names = quantizable_names(minilm_fp32)
+    for batch in (0, 8):
+        cols = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=16, punctuation=True, probes=2, names=names, batch=batch)
+        rows = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=16, punctuation=True, probes=2, names=names, batch=batch,
+                                   rows=True)
+        assert rows.energy == cols.energy and not rows.column
+        for n in names:
+            want, got = cols.rows_of(n), rows.rows_of(n)
+            assert got.shape == (minilm_state[n].shape[0],) and got.dtype == np.float64
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * float(want.max()))
+        assert not rows.rows_of("pooler.dense.weight").any()  # its output does not reach the hidden state
+        assert grid.step_factors(minilm_state, names, rows, expected=True) == \
+            grid.step_factors(minilm_state, names, cols, expected=True)
+    with pytest.raises(ValueError, match="row's sum"):
+        rows.columns_of(names[0])
+    with pytest.raises(ValueError, match="rows' sums alone"):
+        grid.step_factors(minilm_state, names[:1], rows)
+
+
 def test_the_gains_passes_give_the_feedback_moments_of_their_sentences(minilm_fp32, tokenizer):
     """``shared_pass``: the gains' forward passes (8 sentences at a time, shortest first)
     feed a :class:`MomentsRecorder`; with the moments of 16 more sentences added, they are

@@ -109,7 +109,8 @@ def quantize(
             try:
                 sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, punctuation=True,
                                            probes=config.sensitivity_probes, names=names,
-                                           batch=SENSITIVITY_BATCH if config.shared_pass else 0, moments=recorder)
+                                           batch=SENSITIVITY_BATCH if config.shared_pass else 0, moments=recorder,
+                                           rows=config.expected_gains)  # expected gains read the rows' sums alone
             except BaseException:
                 if recorder is not None:
                     recorder.close()

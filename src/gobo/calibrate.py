@@ -194,10 +194,22 @@ class JacobianSensitivity:
     pass's and free of the terms between passes. ``moments``: a
     :class:`gobo.feedback.MomentsRecorder` open on ``model``, which the forward passes feed
     (the feedback's moments from the same passes).
+
+    ``rows``: only each row's sum of ``|J_i|^2`` is kept (:meth:`rows_of`; what expected
+    gains read), and an nn.Linear's weight gradient is never formed: with ``X`` its input
+    and ``G`` the gradient at its output (real tokens x features, one pass, one direction),
+    row ``r`` of the weight gradient is ``G_r^T X``, so its sum of squares is
+    ``G_r^T (X X^T) G_r``. The pass's tokens are fewer than a Linear's features, and the
+    products over them cost about half those of the weight gradients (all-mpnet-base-v2:
+    the gains in 2.1-2.4 s against 2.4-3.4 s, the row sums the same to 5e-5 relative).
+    Padded positions are left out: the attention mask gives them exactly zero gradient.
+    Tables, and a Linear that does not read one vector per token once per pass (a pooler),
+    get their gradient as before.
     """
 
     def __init__(self, model, tokenizer, n_seqs: int = 8, max_len: int = 32, seed: int = 0, punctuation: bool = False,
-                 probes: int = 2, names: Collection[str] | None = None, batch: int = 0, moments=None) -> None:
+                 probes: int = 2, names: Collection[str] | None = None, batch: int = 0, moments=None,
+                 rows: bool = False) -> None:
         import torch
 
         ids, mask = synthetic_batch(tokenizer, n_seqs, max_len, seed, punctuation=punctuation)
@@ -207,60 +219,110 @@ class JacobianSensitivity:
         was = {n: p.requires_grad for n, p in params.items()}
         gen = torch.Generator().manual_seed(seed)
         self.column = {}
+        self.row = {}
+        self.rows_only = rows
         self.energy = 0.0
+        mods = dict(model.named_modules())
+        linears = {n: mods[n.rsplit(".", 1)[0]] for n in params
+                   if rows and isinstance(mods.get(n.rsplit(".", 1)[0]), torch.nn.Linear)}
+        seen: dict = {}  # rows: each Linear's (input, output) of the pass, and how often it ran
+
+        def record(mod, inp, out, n):
+            seen[n] = (inp[0], out, seen[n][2] + 1 if n in seen else 1)
+
+        hooks = [mod.register_forward_hook(lambda mod, inp, out, n=n: record(mod, inp, out, n))
+                 for n, mod in linears.items()]
         tables = {f"{m}.weight": mod for m, mod in model.named_modules()
                   if isinstance(mod, torch.nn.Embedding) and f"{m}.weight" in params}
         looked_up: dict = {}  # each table's output, where it has one vector per token of the batch
-        hooks = [mod.register_forward_hook(lambda mod, inp, out, n=n: looked_up.__setitem__(n, out))
-                 for n, mod in tables.items()]
+        hooks += [mod.register_forward_hook(lambda mod, inp, out, n=n: looked_up.__setitem__(n, out))
+                  for n, mod in tables.items()]
         sums = {}
         count = 0
-        measured = list(params)
         try:
             for p in params.values():
                 p.requires_grad_(True)
-            for rows, span in _batches(mask, batch):
-                real = mask[rows, span].bool()
+            for rows_, span in _batches(mask, batch):
+                real = mask[rows_, span].bool()
                 if moments is not None:  # the feedback's moments, from the same forward pass
                     moments.batch(real)
+                seen.clear()
                 with torch.enable_grad():
-                    h = model(input_ids=ids[rows, span], attention_mask=mask[rows, span]).last_hidden_state[real]
+                    h = model(input_ids=ids[rows_, span], attention_mask=mask[rows_, span]).last_hidden_state[real]
                     self.energy += float(torch.sum(h.detach().double() ** 2))
                     outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)]
+                    per_token = [n for n in linears if n in seen and seen[n][2] == 1 and seen[n][0].dim() == 3
+                                 and tuple(seen[n][0].shape[:2]) == tuple(real.shape)]
+                    measured = [n for n in params if n not in per_token]
+                    grams: dict = {}  # X X^T of each input tensor of the pass (query, key and value share one)
                     for i in range(probes):
                         v = torch.randn(h.shape, generator=gen, dtype=h.dtype)
-                        grads = torch.autograd.grad(h, [params[n] for n in measured] + [looked_up[n] for n in outs],
+                        grads = torch.autograd.grad(h, [params[n] for n in measured] + [seen[n][1] for n in per_token]
+                                                    + [looked_up[n] for n in outs],
                                                     grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
                         for n, g in zip(measured, grads):
-                            if g is not None:  # squared in place: the gradients are this call's own
-                                if n in self.column:
-                                    self.column[n] += g.detach().square_()
-                                else:
-                                    self.column[n] = g.detach().square_()
-                        for n, g in zip(outs, grads[len(measured):]):
+                            if g is None:
+                                continue
+                            if rows:
+                                self._add_row(n, g.detach().square().sum(1, dtype=torch.float64))
+                            elif n in self.column:  # squared in place: the gradients are this call's own
+                                self.column[n] += g.detach().square_()
+                            else:
+                                self.column[n] = g.detach().square_()
+                        for n, g in zip(per_token, grads[len(measured) : len(measured) + len(per_token)]):
+                            if g is None:
+                                continue
+                            x = seen[n][0]
+                            if id(x) not in grams:
+                                xr = x.detach()[real].to(torch.float32)
+                                grams[id(x)] = xr @ xr.T
+                            g = g.detach()[real].to(torch.float32)
+                            self._add_row(n, ((grams[id(x)] @ g) * g).sum(0, dtype=torch.float64))
+                        for n, g in zip(outs, grads[len(measured) + len(per_token):]):
                             if g is not None:
                                 g = g[real].double()
                                 sums[n] = sums[n] + g.T @ g if n in sums else g.T @ g
                 count += probes * int(real.sum())
         finally:
+            seen.clear()
             for hook in hooks:
                 hook.remove()
             for n, p in params.items():
                 p.requires_grad_(was[n])
         for n, p in params.items():  # a tensor no gradient reached has none
+            if rows:
+                self.row[n] = self.row[n] / probes if n in self.row else torch.zeros(p.shape[0], dtype=torch.float64)
+                continue
             if n not in self.column:
                 self.column[n] = torch.zeros_like(p)
             self.column[n] /= probes
         self.output_moments = {n: (g / count).to(torch.float32) for n, g in sums.items() if float(g.trace()) > 0}
 
+    def _add_row(self, name: str, s) -> None:
+        self.row[name] = self.row[name] + s if name in self.row else s
+
     def columns_of(self, name: str) -> np.ndarray:
         """``|J_i|^2`` of every weight of tensor ``name`` (float32, the tensor's shape): what
         :meth:`__call__` weighs the squared changes with, for callers that sum them in parts."""
+        self._need_columns()
         return self.column[name].numpy()
+
+    def rows_of(self, name: str) -> np.ndarray:
+        """Each row's sum of ``|J_i|^2`` over tensor ``name``'s weights (float64; rows as
+        :func:`gobo.methods.uniform.as_rows` cuts a tensor, its first dimension)."""
+        if self.rows_only:
+            return self.row[name].numpy()
+        col = self.column[name].numpy()
+        return col.reshape(col.shape[0], -1).sum(axis=1, dtype=np.float64)
+
+    def _need_columns(self) -> None:
+        if self.rows_only:
+            raise ValueError("these gains kept each row's sum of |J_i|^2 alone (rows=True): no weight's own")
 
     def __call__(self, name: str, weight: np.ndarray) -> float:
         import torch
 
+        self._need_columns()
         p = self.params[name].detach()
         d = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).reshape(p.shape) - p
         return float(torch.sum(d.double() ** 2 * self.column[name].double())) / max(self.energy, 1e-300)

@@ -317,6 +317,7 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     from .uniform import as_rows
 
     columns = getattr(sensitivity, "columns_of", None)  # first-order gains: weighed here, rows at a time
+    row_sums = getattr(sensitivity, "rows_of", None)
 
     def relative(n: str) -> float:
         w32, w = as_rows(state[n])
@@ -346,18 +347,19 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
 
     def expected_relative(n: str) -> float:
         w = as_rows(state[n])[1]
-        col = columns(n).reshape(w.shape)
-        var, gained = np.empty(w.shape[0]), np.empty(w.shape[0])  # each row's variance, its sum of |J_i|^2
+        gained = row_sums(n)  # each row's sum of |J_i|^2
+        var = np.empty(w.shape[0])  # each row's variance
         sq = 0.0
         for a, b in row_blocks(*w.shape):
             var[a:b] = w[a:b].var(axis=1, dtype=np.float64)  # a constant row's rounding makes no error
-            gained[a:b] = col[a:b].sum(axis=1, dtype=np.float64)
             sq += float(np.square(w[a:b], dtype=np.float64).sum())
         g = float(np.dot(var, gained)) / max(w.shape[1] * float(var.sum()), 1e-300) * sq / max(sensitivity.energy, 1e-300)
         return _relative_step(w.size, g)
 
-    if expected and columns is None:
-        raise ValueError("expected gains need first-order gains (a sensitivity with columns_of)")
+    if expected and row_sums is None:
+        raise ValueError("expected gains need first-order gains (a sensitivity with rows_of)")
+    if not expected and getattr(sensitivity, "rows_only", False):
+        raise ValueError("gains under a rounding need each weight's |J_i|^2: these gains kept their rows' sums alone")
     if columns is None:  # a sensitivity that runs the model: one tensor at a time
         out = {n: relative(n) for n in names}
     else:  # the tensors side by side (numpy releases the GIL)
