@@ -109,8 +109,10 @@ def quantize(
             try:
                 sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, punctuation=True,
                                            probes=config.sensitivity_probes, names=names,
-                                           batch=SENSITIVITY_BATCH if config.shared_pass else 0, moments=recorder,
-                                           rows=config.expected_gains)  # expected gains read the rows' sums alone
+                                           batch=config.pass_batch or (SENSITIVITY_BATCH if config.shared_pass else 0),
+                                           moments=recorder,
+                                           rows=config.expected_gains,  # expected gains read the rows' sums alone
+                                           table_moments=config.feedback_embeddings)
             except BaseException:
                 if recorder is not None:
                     recorder.close()
@@ -164,8 +166,9 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
                                                punctuation=config.synthetic == "punct")
         shared: dict = {}
         step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
-        h = feedback.input_moments(src, ids, mask, sorted(refed), shared=shared, progress=step,
-                                   dtype=config.calibration_dtype, group=config.feedback_group, recorder=recorder)
+        h = feedback.input_moments(src, ids, mask, sorted(refed), batch=config.pass_batch or feedback.BATCH, shared=shared,
+                                   progress=step, dtype=config.calibration_dtype, group=config.feedback_group,
+                                   recorder=recorder)
         if config.feedback_embeddings:  # the tables, under their output gradients' moments (the gains' passes)
             table_moments = {n: g for n, g in sensitivity.output_moments.items() if n in names}
             h.update(table_moments)
@@ -226,7 +229,7 @@ def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
     from .feedback import BATCH, embedding_tables, linear_weights
 
     n = len(texts) if config.feedback == "texts" else _own_texts(config)
-    return -(-n // BATCH) + len(linear_weights(src, names)) + (len(embedding_tables(src, names)) if config.feedback_embeddings else 0)
+    return -(-n // (config.pass_batch or BATCH)) + len(linear_weights(src, names)) + (len(embedding_tables(src, names)) if config.feedback_embeddings else 0)
 
 
 def _own_texts(config: GoboConfig) -> int:
