@@ -483,7 +483,7 @@ def _fed_block(W0, err, Tt32, i1: int, i2: int):
     1e-7) is far below a code step."""
     out = W0[:, i1:i2].clone()
     if i1:
-        out += (err[:, :i1] @ Tt32[i1:i2, :i1].mT).to(out.dtype)
+        out += err[:, :i1] @ Tt32[i1:i2, :i1].mT  # added in float64, as the product widened first
     return out
 
 
@@ -545,9 +545,7 @@ def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: 
             i2 = min(i1 + block, cols)
             v = val[:, i1:i2] if kept is not None else val[:, : i2 - i1]
             W = _fed_block(W0, err, Tt32, i1, i2)
-            native.feedback_block(W, W0[:, i1:i2], Tb, cb[a:b], M[a:b, i1:i2], codes[a:b, i1:i2], v)
-            torch.sub(W0[:, i1:i2], v, out=W)
-            err[:, i1:i2] = W
+            native.feedback_block(W, W0[:, i1:i2], Tb, cb[a:b], M[a:b, i1:i2], codes[a:b, i1:i2], v, err[:, i1:i2])
 
     # Each thread takes shares of the rows through all the blocks, its products one-threaded:
     # no thread waits for another between blocks, and torch's own threads, which would spin

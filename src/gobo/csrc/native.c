@@ -321,7 +321,8 @@ GOBO_API void gobo_act_scores(const float *z, const double *c, int64_t rows, int
  * onto the later columns through row i of T. w: rows x n fed-forward weights of the block's
  * columns (row stride ldw), overwritten; w0: the original weights (row stride ldw0); t: the
  * n x n unit upper-triangular block of T (row stride ldt); cb: rows x k ascending centroids
- * (double); mask: rows x n (row stride ldm), 1 where the weight is an outlier. Each row codes
+ * (double); mask: rows x n (row stride ldm), 1 where the weight is an outlier; err: rows x n
+ * (row stride lde) receives each error w0[i] - value rounded to float32. Each row codes
  * its columns in order: the value x goes to the nearest centroid (ties to the lower one; an
  * outlier keeps x rounded to float32 and code 0), then w[j] += (w0[i] - value) * t[i, j].
  * Rows are independent and each runs one fixed sequence of operations, so any split of the
@@ -375,7 +376,7 @@ static inline int32_t nearest_wide(const double *c, int32_t k, double x) {
 GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const double *w0, int64_t ldw0, int64_t rows,
                                   int64_t n, const double *t, int64_t ldt, const double *cb, int32_t k,
                                   const uint8_t *mask, int64_t ldm, uint8_t *codes, int64_t ldc, double *val,
-                                  int64_t ldv) {
+                                  int64_t ldv, float *err, int64_t lde) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -404,6 +405,7 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const do
                 codes[r * ldc + i] = (uint8_t)q;
                 val[r * ldv + i] = v;
                 e[a] = w0[r * ldw0 + i] - v;
+                err[r * lde + i] = (float)e[a];
             }
             const double *restrict ti = t + i * ldt;
             if (nr == FEEDBACK_ROWS) {
