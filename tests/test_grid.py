@@ -254,12 +254,12 @@ def test_the_fast_preset_is_gobo_grid_with_fewer_passes():
     with pytest.raises(ValueError, match="must exceed 16"):
         GoboConfig.grid(3, feedback_texts=16, shared_pass=True)
     for bad in (-1, 8.0, True):
-        with pytest.raises(ValueError, match="pass_batch must be"):
-            GoboConfig.grid(3, pass_batch=bad)
-    with pytest.raises(ValueError, match="pass_batch .* needs codebook='grid'"):
-        GoboConfig(pass_batch=8)
-    batched = GoboConfig.grid(3, pass_batch=8)
-    assert "pass_batch" in config_to_json(batched)["data"] and config_from_json(config_to_json(batched)) == batched
+        with pytest.raises(ValueError, match="moments_batch must be"):
+            GoboConfig.grid(3, moments_batch=bad)
+    with pytest.raises(ValueError, match="moments_batch .* needs codebook='grid'"):
+        GoboConfig.grid(3, feedback="", moments_batch=8)
+    batched = GoboConfig.grid(3, moments_batch=8)
+    assert "moments_batch" in config_to_json(batched)["data"] and config_from_json(config_to_json(batched)) == batched
 
 
 def test_the_fast_file_does_not_depend_on_the_thread_count():

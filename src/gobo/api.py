@@ -109,8 +109,7 @@ def quantize(
             try:
                 sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, punctuation=True,
                                            probes=config.sensitivity_probes, names=names,
-                                           batch=config.pass_batch or (SENSITIVITY_BATCH if config.shared_pass else 0),
-                                           moments=recorder,
+                                           batch=SENSITIVITY_BATCH if config.shared_pass else 0, moments=recorder,
                                            rows=config.expected_gains,  # expected gains read the rows' sums alone
                                            table_moments=config.feedback_embeddings)
             except BaseException:
@@ -166,7 +165,7 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
                                                punctuation=config.synthetic == "punct")
         shared: dict = {}
         step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
-        h = feedback.input_moments(src, ids, mask, sorted(refed), batch=config.pass_batch or feedback.BATCH, shared=shared,
+        h = feedback.input_moments(src, ids, mask, sorted(refed), batch=config.moments_batch or feedback.BATCH, shared=shared,
                                    progress=step, dtype=config.calibration_dtype, group=config.feedback_group,
                                    recorder=recorder)
         if config.feedback_embeddings:  # the tables, under their output gradients' moments (the gains' passes)
@@ -229,7 +228,7 @@ def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
     from .feedback import BATCH, embedding_tables, linear_weights
 
     n = len(texts) if config.feedback == "texts" else _own_texts(config)
-    return -(-n // (config.pass_batch or BATCH)) + len(linear_weights(src, names)) + (len(embedding_tables(src, names)) if config.feedback_embeddings else 0)
+    return -(-n // (config.moments_batch or BATCH)) + len(linear_weights(src, names)) + (len(embedding_tables(src, names)) if config.feedback_embeddings else 0)
 
 
 def _own_texts(config: GoboConfig) -> int:

@@ -90,9 +90,9 @@ class GoboConfig:
     shared_pass: bool = False  # codebook="grid", allocate="sensitivity", feedback="synthetic": the gains' sentences go
     # through 8 at a time, shortest first, and their forward passes give the feedback's moments too: they are the first
     # of the feedback_texts, the others drawn as before (a forward pass over them fewer)
-    pass_batch: int = 0  # codebook="grid": sentences per forward pass of the gains and of the feedback's moments,
-    # shortest first, each pass cut to the positions its own sentences fill (padding costs as much as a token);
-    # 0: the gains' 16 in one pass (8 at a time with shared_pass), the moments' 32 at a time
+    moments_batch: int = 0  # codebook="grid" with feedback: sentences per forward pass of the feedback's moments,
+    # shortest first, each pass cut to the positions its own sentences fill (a padded position costs as much as a
+    # token); 0: 32 at a time (gobo.feedback.BATCH)
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
@@ -102,7 +102,7 @@ class GoboConfig:
                                                      "compact": False, "bits_for": (), "calibration_dtype": "float32",
                                                      "feedback_exclude": (), "feedback_group": 0,
                                                      "feedback_embeddings": False, "sensitivity_probes": 2,
-                                                     "expected_gains": False, "shared_pass": False, "pass_batch": 0}
+                                                     "expected_gains": False, "shared_pass": False, "moments_batch": 0}
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -195,10 +195,11 @@ class GoboConfig:
             if self.feedback_texts <= SENSITIVITY_SENTENCES:
                 raise ValueError(f"shared_pass counts the gains' {SENSITIVITY_SENTENCES} sentences among the feedback's: "
                                  f"feedback_texts must exceed {SENSITIVITY_SENTENCES}, got {self.feedback_texts}")
-        if isinstance(self.pass_batch, bool) or not isinstance(self.pass_batch, int) or self.pass_batch < 0:
-            raise ValueError(f"pass_batch must be a non-negative integer, got {self.pass_batch!r}")
-        if self.pass_batch and self.codebook != "grid":
-            raise ValueError("pass_batch sets the sentences per pass of the grids' gains and feedback: it needs codebook='grid'")
+        if isinstance(self.moments_batch, bool) or not isinstance(self.moments_batch, int) or self.moments_batch < 0:
+            raise ValueError(f"moments_batch must be a non-negative integer, got {self.moments_batch!r}")
+        if self.moments_batch and not (self.codebook == "grid" and self.feedback):
+            raise ValueError("moments_batch sets the sentences per pass of a grid's feedback: it needs codebook='grid' "
+                             "and feedback")
         if not (self.codebook == "grid" and self.allocate == "sensitivity"):  # no gains measured: settle, as above
             object.__setattr__(self, "sensitivity_probes", self._OPTIONAL_FIELDS["sensitivity_probes"])
             object.__setattr__(self, "expected_gains", self._OPTIONAL_FIELDS["expected_gains"])
