@@ -234,14 +234,15 @@ def test_bad_grid_configs_are_refused():
 def test_the_fast_preset_is_gobo_grid_with_fewer_passes():
     fast, full = GoboConfig.grid_fast(3), GoboConfig.grid(3)
     fields = lambda c: (c.sensitivity_probes, c.expected_gains, c.shared_pass, c.feedback_texts, c.feedback_group,  # noqa: E731
-                        c.feedback_embeddings)
-    assert fields(fast) == (1, True, False, 32, 768, False)
-    assert fields(full) == (2, False, False, 64, 0, True)
+                        c.feedback_embeddings, c.moments_batch)
+    assert fields(fast) == (1, True, False, 32, 768, False, 8)
+    assert fields(full) == (2, False, False, 64, 0, True, 0)
     shared = GoboConfig.grid_fast(3, shared_pass=True)
     added = ("sensitivity_probes", "expected_gains", "shared_pass")
     assert all(k in config_to_json(shared)["data"] and k not in config_to_json(full)["data"] for k in added)  # old files keep their bytes
     assert config_from_json(json.loads(json.dumps(config_to_json(shared)))) == shared
-    assert GoboConfig.grid_fast(3, feedback="").feedback_group == 0  # where it cannot apply, the preset leaves it off
+    no_feedback = GoboConfig.grid_fast(3, feedback="")  # where they cannot apply, the preset leaves them off
+    assert (no_feedback.feedback_group, no_feedback.moments_batch) == (0, 0)
     plain = GoboConfig(codebook="grid", allocate="uniform", sensitivity_probes=1, expected_gains=True)
     assert (plain.sensitivity_probes, plain.expected_gains) == (2, False)  # no gains measured: they settle
     for bad in (0, 65, 1.0, True):
@@ -411,8 +412,8 @@ def test_gobo_grid_fast_meets_the_minilm_line_on_a_test_subset(bench, tokenizer,
 
     calls = []
     cm = gobo.quantize("minilm-l6", GoboConfig.grid_fast(3), progress=lambda name, total: calls.append((name, total)))
-    assert len(calls) == calls[-1][1]  # the progress count reaches its total: 32 sentences, one batch
-    assert sum(name == feedback.CALIBRATION_STEP for name, _ in calls) == 1
+    assert len(calls) == calls[-1][1]  # the progress count reaches its total: 32 sentences, 8 at a time
+    assert sum(name == feedback.CALIBRATION_STEP for name, _ in calls) == 4
     assert summarize(cm).method == "gobo-grid-fast"
     assert 2.99 <= _bits_per_weight(cm) <= 3.0
     gobo.save(cm, tmp_path / "m")

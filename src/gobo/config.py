@@ -92,7 +92,7 @@ class GoboConfig:
     # of the feedback_texts, the others drawn as before (a forward pass over them fewer)
     moments_batch: int = 0  # codebook="grid" with feedback: sentences per forward pass of the feedback's moments,
     # shortest first, each pass cut to the positions its own sentences fill (a padded position costs as much as a
-    # token); 0: 32 at a time (gobo.feedback.BATCH)
+    # token); 0: 32 at a time (gobo.feedback.BATCH); 8 in gobo-grid-fast
     #: fields added after version 1, with the value a file written before them implies: left
     #: out of the JSON at that value (old files keep their bytes) and assumed when absent
     _OPTIONAL_FIELDS: ClassVar[dict[str, object]] = {"average": 0.0, "correct_bias": False, "layer_omega": (), "codebook": "tensor",
@@ -258,12 +258,14 @@ class GoboConfig:
     def grid_fast(cls, bits: int = 3, **kw) -> "GoboConfig":
         """:meth:`grid` in about half the time (method ``gobo-grid-fast``): the gains from one
         gradient direction, under the error rounding is expected to make, the feedback on 32
-        sentences with inputs wider than 768 features in groups of 768, the embedding tables
-        rounded (not fed back). ``shared_pass=True`` saves the feedback's forward pass over
-        16 of them (measured less accurate on all-mpnet-base-v2: README)."""
+        sentences (8 at a time through the model, shortest first) with inputs wider than 768
+        features in groups of 768, the embedding tables rounded (not fed back).
+        ``shared_pass=True`` saves the feedback's forward pass over 16 of them (measured less
+        accurate on all-mpnet-base-v2: README)."""
         kw = {"sensitivity_probes": 1, "expected_gains": True, "feedback_texts": 32, "feedback_embeddings": False, **kw}
         if kw.get("feedback", "synthetic"):  # where it applies
             kw.setdefault("feedback_group", 768)
+            kw.setdefault("moments_batch", 8)
         return cls.grid(bits, **kw)
 
 
