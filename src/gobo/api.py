@@ -165,9 +165,9 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
                                                punctuation=config.synthetic == "punct")
         shared: dict = {}
         step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
-        h = feedback.input_moments(src, ids, mask, sorted(refed), batch=config.moments_batch or feedback.BATCH, shared=shared,
-                                   progress=step, dtype=config.calibration_dtype, group=config.feedback_group,
-                                   recorder=recorder)
+        h = feedback.input_moments(src, ids, mask, sorted(refed), batch=config.moments_batch or feedback.BATCH,
+                                   shared=shared, progress=step, dtype=config.calibration_dtype,
+                                   group=config.feedback_group, recorder=recorder)
         if config.feedback_embeddings:  # the tables, under their output gradients' moments (the gains' passes)
             table_moments = {n: g for n, g in sensitivity.output_moments.items() if n in names}
             h.update(table_moments)
@@ -228,7 +228,8 @@ def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
     from .feedback import BATCH, embedding_tables, linear_weights
 
     n = len(texts) if config.feedback == "texts" else _own_texts(config)
-    return -(-n // (config.moments_batch or BATCH)) + len(linear_weights(src, names)) + (len(embedding_tables(src, names)) if config.feedback_embeddings else 0)
+    tables = len(embedding_tables(src, names)) if config.feedback_embeddings else 0
+    return -(-n // (config.moments_batch or BATCH)) + len(linear_weights(src, names)) + tables
 
 
 def _own_texts(config: GoboConfig) -> int:

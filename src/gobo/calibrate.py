@@ -199,9 +199,10 @@ class JacobianSensitivity:
     gains read), and an nn.Linear's weight gradient is never formed: with ``X`` its input
     and ``G`` the gradient at its output (real tokens x features, one pass, one direction),
     row ``r`` of the weight gradient is ``G_r^T X``, so its sum of squares is
-    ``G_r^T (X X^T) G_r``. The pass's tokens are fewer than a Linear's features, and the
-    products over them cost about half those of the weight gradients (all-mpnet-base-v2:
-    the gains in 2.1-2.4 s against 2.4-3.4 s, the row sums the same to 5e-5 relative).
+    ``G_r^T (X X^T) G_r``. The pass's tokens are fewer than a Linear's features, so the
+    products over them cost less than the weight gradients (all-mpnet-base-v2, one noisy
+    comparison: the gains in 2.1-2.4 s against 2.4-3.4 s; the row sums the same to 5e-5
+    relative).
     Padded positions are left out: the attention mask gives them exactly zero gradient.
     A table looked up once per token sums the gradients at its output by id (no table-sized
     gradient: 94 MB per pass for all-mpnet-base-v2's words); other tables, and a Linear that
@@ -248,13 +249,13 @@ class JacobianSensitivity:
         try:
             for p in params.values():
                 p.requires_grad_(True)
-            for rows_, span in _batches(mask, batch):
-                real = mask[rows_, span].bool()
+            for picked, span in _batches(mask, batch):
+                real = mask[picked, span].bool()
                 if moments is not None:  # the feedback's moments, from the same forward pass
                     moments.batch(real)
                 seen.clear()
                 with torch.enable_grad():
-                    h = model(input_ids=ids[rows_, span], attention_mask=mask[rows_, span]).last_hidden_state[real]
+                    h = model(input_ids=ids[picked, span], attention_mask=mask[picked, span]).last_hidden_state[real]
                     self.energy += float(torch.sum(h.detach().double() ** 2))
                     outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)
                             and (rows or table_moments)]
@@ -297,7 +298,8 @@ class JacobianSensitivity:
                                 sums[n] = sums[n] + g.T @ g if n in sums else g.T @ g
                 count += probes * int(real.sum())
         finally:
-            seen.clear(), looked_up.clear(), looked_ids.clear()
+            for held in (seen, looked_up, looked_ids):  # the pass's tensors, not kept
+                held.clear()
             for hook in hooks:
                 hook.remove()
             for n, p in params.items():
@@ -350,7 +352,8 @@ def _table_rows(table, ids, grad):
 
     flat = ids.reshape(-1)
     uniq, inv = torch.unique(flat, return_inverse=True)
-    acc = torch.zeros((len(uniq), grad.shape[-1]), dtype=torch.float32).index_add_(0, inv, grad.reshape(-1, grad.shape[-1]).to(torch.float32))
+    acc = torch.zeros((len(uniq), grad.shape[-1]), dtype=torch.float32)
+    acc.index_add_(0, inv, grad.reshape(-1, grad.shape[-1]).to(torch.float32))
     out = torch.zeros(table.num_embeddings, dtype=torch.float64)
     out[uniq] = acc.square().sum(1, dtype=torch.float64)
     if table.padding_idx is not None:
