@@ -165,7 +165,7 @@ def _grid(config: GoboConfig, src, tokenizer, state: dict, names: list[str], ref
                                                punctuation=config.synthetic == "punct")
         shared: dict = {}
         step = None if progress is None else (lambda: progress(feedback.CALIBRATION_STEP))
-        h = feedback.input_moments(src, ids, mask, sorted(refed), batch=config.moments_batch or feedback.BATCH,
+        h = feedback.input_moments(src, ids, mask, sorted(refed), batch=_moments_batch(config),
                                    shared=shared, progress=step, dtype=config.calibration_dtype,
                                    group=config.feedback_group, recorder=recorder)
         if config.feedback_embeddings:  # the tables, under their output gradients' moments (the gains' passes)
@@ -225,11 +225,19 @@ def _input_energy(config: GoboConfig, src, tokenizer, names: list[str], texts) -
 def _feedback_steps(config: GoboConfig, src, names: list[str], texts) -> int:
     """What error feedback adds to the progress count: its batches of sentences and one step
     per nn.Linear weight."""
-    from .feedback import BATCH, embedding_tables, linear_weights
+    from .feedback import embedding_tables, linear_weights
 
     n = len(texts) if config.feedback == "texts" else _own_texts(config)
     tables = len(embedding_tables(src, names)) if config.feedback_embeddings else 0
-    return -(-n // (config.moments_batch or BATCH)) + len(linear_weights(src, names)) + tables
+    return -(-n // _moments_batch(config)) + len(linear_weights(src, names)) + tables
+
+
+def _moments_batch(config: GoboConfig) -> int:
+    """Sentences per forward pass of the feedback's moments: what the passes run with and
+    what the progress count counts."""
+    from .feedback import BATCH
+
+    return config.moments_batch or BATCH
 
 
 def _own_texts(config: GoboConfig) -> int:
