@@ -351,13 +351,13 @@ static inline int32_t nearest_code(const double *mids, int32_t k, double x) {
 }
 
 /* nearest_code for a wide codebook c (k > 16 ascending centroids), its midpoints formed as
- * needed ((c[j] + c[j + 1]) * 0.5, the same numbers): a guess from the spacing of the ends,
- * exact for a uniform grid (error feedback's grids), kept when the two midpoints around it
- * confirm it, bisection otherwise. The same code as nearest_code in every case. */
-static inline int32_t nearest_wide(const double *c, int32_t k, double x) {
-    const double span = c[k - 1] - c[0];
-    if (span > 0) {
-        const double g = (x - c[0]) / span * (double)(k - 1) + 0.5;
+ * needed ((c[j] + c[j + 1]) * 0.5, the same numbers): a guess from the spacing of the ends
+ * (per: (k - 1) / (c[k - 1] - c[0]), formed once per row; 0 when the ends meet), exact for a
+ * uniform grid (error feedback's grids), kept when the two midpoints around it confirm it,
+ * bisection otherwise. The same code as nearest_code in every case. */
+static inline int32_t nearest_wide(const double *c, int32_t k, double x, double per) {
+    if (per > 0) {
+        const double g = (x - c[0]) * per + 0.5;
         const int32_t q = !(g > 0) ? 0 : g >= (double)(k - 1) ? k - 1 : (int32_t)g;  /* NaN: 0 */
         if ((q == 0 || (c[q - 1] + c[q]) * 0.5 < x) && (q == k - 1 || !((c[q] + c[q + 1]) * 0.5 < x))) return q;
     }
@@ -380,13 +380,19 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const do
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
-    double mids[FEEDBACK_ROWS][16];
+    double mids[FEEDBACK_ROWS][16], per[FEEDBACK_ROWS];
     for (int64_t r0 = 0; r0 < rows; r0 += FEEDBACK_ROWS) {
         const int64_t nr = rows - r0 < FEEDBACK_ROWS ? rows - r0 : FEEDBACK_ROWS;
         if (k <= 16) {  /* wide codebooks form their midpoints as needed (nearest_wide) */
             for (int64_t a = 0; a < nr; ++a) {
                 const double *cr = cb + (r0 + a) * k;
                 for (int32_t j = 0; j + 1 < k; ++j) mids[a][j] = (cr[j] + cr[j + 1]) * 0.5;
+            }
+        } else {
+            for (int64_t a = 0; a < nr; ++a) {
+                const double *cr = cb + (r0 + a) * k;
+                const double span = cr[k - 1] - cr[0];
+                per[a] = span > 0 ? (double)(k - 1) / span : 0.0;
             }
         }
         for (int64_t i = 0; i < n; ++i) {
@@ -399,7 +405,7 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const do
                 if (mask[r * ldm + i]) {
                     v = (double)(float)x;
                 } else {
-                    q = k <= 16 ? nearest_code(mids[a], k, x) : nearest_wide(cb + r * k, k, x);
+                    q = k <= 16 ? nearest_code(mids[a], k, x) : nearest_wide(cb + r * k, k, x, per[a]);
                     v = cb[r * k + q];
                 }
                 codes[r * ldc + i] = (uint8_t)q;
