@@ -107,7 +107,8 @@ def quantize(
 
                 recorder = MomentsRecorder(src, sorted(refed), group=config.feedback_group)
             try:
-                sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, punctuation=True,
+                sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, seed=config.synthetic_seed,
+                                           punctuation=True,
                                            probes=config.sensitivity_probes, names=names,
                                            batch=SENSITIVITY_BATCH if config.shared_pass else 0, moments=recorder,
                                            rows=config.expected_gains,  # expected gains read the rows' sums alone
@@ -117,7 +118,7 @@ def quantize(
                     recorder.close()
                 raise
         else:
-            sens = OutputSensitivity(src, tokenizer, n_seqs=8)
+            sens = OutputSensitivity(src, tokenizer, n_seqs=8, seed=config.synthetic_seed)
     moments = _shared_moments(config, src, tokenizer, names, calibration_texts, cb) if fed_back and act else None
     if moments is not None:  # the outliers' energies are the diagonal of the feedback's moments
         from .feedback import diagonal
@@ -137,7 +138,7 @@ def quantize(
         cm = _with_feedback(cm, config, src, tokenizer, state, calibration_texts, moments, cb, recoded)
     if calibrated and config.correct_bias:
         deq = {n: q.dequantize() for n, q in cm.quantized.items()}
-        cm.dense.update(match_output_means(src, tokenizer, deq, cm.dense))
+        cm.dense.update(match_output_means(src, tokenizer, deq, cm.dense, seed=config.synthetic_seed))
     cm.source = {
         "name": str(model),
         "model_type": getattr(src.config, "model_type", "unknown"),

@@ -136,7 +136,7 @@ def _tensor_table(s) -> str:
 
 def _cmd_quantize(args) -> int:
     import gobo
-    from .config import GOBO_METHODS, GRID_METHODS, method_config
+    from .config import GOBO_METHODS, GRID_METHODS, GoboConfig, method_config
     from .io import WEIGHTS_FILE
     from .report import summarize
 
@@ -175,8 +175,6 @@ def _cmd_quantize(args) -> int:
         raise UserError("--calibration-texts needs --feedback texts")
     if args.calibration_dtype is not None and not (args.feedback or args.act_outliers):
         raise UserError("--calibration-dtype needs a pass over calibration sentences: --feedback or --act-outliers")
-    if args.synthetic_seed is not None and args.feedback != "synthetic" and not (args.act_outliers and args.feedback != "texts"):
-        raise UserError("--synthetic-seed needs synthetic sentences: --feedback synthetic, or --act-outliers without --feedback texts")
     texts = None
     if args.calibration_texts:
         try:
@@ -219,6 +217,9 @@ def _cmd_quantize(args) -> int:
         config = method_config(args.method, args.bits, **extra)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.synthetic_seed is not None and not (isinstance(config, GoboConfig) and config.draws_synthetic()):
+        raise UserError("--synthetic-seed needs synthetic sentences: --method gobo-grid or gobo-grid-fast, --feedback "
+                        "synthetic, --allocate sensitivity, or --act-outliers without --feedback texts")
     t0 = time.perf_counter()
     with _Bar(args.quiet, None, "quantizing", "tensor") as bar:
         def progress(name: str, total: int) -> None:
@@ -440,7 +441,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--act-outliers", type=float, metavar="FRACTION", help="gobo: also keep exact this fraction of every Linear's weights (e.g. 0.006): those whose error weighs most once multiplied by its input's mean square on 64 synthetic sentences (data-free)")
     q.add_argument("--calibration-texts", metavar="FILE", help="with --feedback texts: one calibration text per line")
     q.add_argument("--feedback-texts", type=int, metavar="N", help="with --feedback: calibration sentences to use (default 256)")
-    q.add_argument("--synthetic-seed", type=int, metavar="N", help="seed of the synthetic sentences behind --act-outliers and --feedback synthetic (default 0); others show how much a result owes to the sample")
+    q.add_argument("--synthetic-seed", type=int, metavar="N", help="seed of the synthetic sentences (and the gains' gradient directions) behind --act-outliers, --feedback synthetic and --allocate sensitivity, gobo-grid and gobo-grid-fast among them (default 0); others show how much a result owes to the sample")
     q.add_argument("--feedback-damp", type=float, metavar="F", help="with --feedback: damping added to the diagonal of the inputs' second moments, as a fraction of its mean (default 0.1)")
     q.add_argument("--calibration-dtype", choices=["auto", "float32", "bfloat16"], help="with --feedback or --act-outliers: precision of the pass over the calibration sentences (default auto: bfloat16 where the processor multiplies it natively, about twice as fast; the file records the one used)")
     q.add_argument("--feedback-exclude", action="append", metavar="GLOB", help="with --feedback: Linear weights whose names match GLOB keep their nearest-centroid codes (repeatable), e.g. '*[0-9].output.dense*': the feed-forward outputs (not BERT's attention.output.dense), whose 3072-wide inputs in BERT-base-size models take most of the feedback's time")

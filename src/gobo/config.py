@@ -63,7 +63,9 @@ class GoboConfig:
     synthetic: str = "punct"  # synthetic sentences of act_outliers and feedback="synthetic": "punct" (Zipf-drawn
     # words with punctuation, gobo.calibrate.synthetic_batch) or "words" (the words alone, as files before it)
     feedback_damp: float = 0.1  # error feedback: damping added to H's diagonal, as a fraction of its mean (0.01 before it)
-    synthetic_seed: int = 0  # seed of the synthetic sentences (act_outliers energies and feedback="synthetic")
+    synthetic_seed: int = 0  # seed of every synthetic draw (:meth:`draws_synthetic`): the sentences of act_outliers'
+    # energies and of feedback="synthetic", and those of allocate="sensitivity"'s gains with their gradient directions
+    # and of correct_bias (seed 0 for the gains and correct_bias before it: files at seed 0 keep their bytes)
     compact: bool = False  # float16 centroids and row-by-row outlier positions (format version 2): fewer bytes
     bits_for: tuple[tuple[str, int], ...] = ()  # allocate="uniform": (glob, bits) pairs; a tensor whose name
     # matches a glob (the first that does) gets its bits instead of `bits`, e.g. (("*intermediate.dense*", 4),)
@@ -150,10 +152,11 @@ class GoboConfig:
             raise ValueError(f"feedback_damp must be a positive number, got {self.feedback_damp!r}")
         if isinstance(self.synthetic_seed, bool) or not isinstance(self.synthetic_seed, int) or not 0 <= self.synthetic_seed < 2**32:
             raise ValueError(f"synthetic_seed must be an integer from 0 to 2**32 - 1, got {self.synthetic_seed!r}")
-        # where no synthetic sentence is read, or no feedback made, these two settle at the value
+        # where no synthetic sentence is read, or no feedback made, these settle at the value
         # files before them imply, so such configs (the default among them) keep their bytes
         if not (self.act_outliers and self.feedback != "texts") and self.feedback != "synthetic":
             object.__setattr__(self, "synthetic", self._OPTIONAL_FIELDS["synthetic"])
+        if not self.draws_synthetic():
             object.__setattr__(self, "synthetic_seed", self._OPTIONAL_FIELDS["synthetic_seed"])
         if not self.feedback:
             object.__setattr__(self, "feedback_damp", self._OPTIONAL_FIELDS["feedback_damp"])
@@ -237,6 +240,13 @@ class GoboConfig:
         from fnmatch import fnmatchcase
 
         return next((b for glob, b in self.bits_for if fnmatchcase(name, glob)), self.bits)
+
+    def draws_synthetic(self) -> bool:
+        """Whether quantizing with this config draws synthetic sentences, which
+        ``synthetic_seed`` seeds: act_outliers' energies (unless feedback="texts" gives the
+        sentences), feedback="synthetic", allocate="sensitivity"'s gains, correct_bias."""
+        return bool((self.act_outliers and self.feedback != "texts") or self.feedback == "synthetic"
+                    or self.allocate == "sensitivity" or self.correct_bias)
 
     @classmethod
     def paper(cls, bits: int = 3, **kw) -> "GoboConfig":
