@@ -132,6 +132,27 @@ def test_the_stored_form_dequantizes_to_the_coded_values(minilm_state):
     assert stored.bits < 8 and stored.bits_per_weight() < 0.8 * coding.bits_per_weight()
 
 
+def test_the_unrounded_coding_form_finds_the_same_weights_beyond_the_grid(minilm_state):
+    """What the feedback is handed (codes left for it to choose) has the rounded form's
+    codebooks and outliers, also where rows hold weights beyond the grid on either side,
+    half a step short of it, or none; scaled (:class:`grid._Scaled`) as the quantizer reads it."""
+    w = np.asarray(minilm_state["encoder.layer.1.attention.output.dense.weight"], np.float32).copy()
+    s = grid._f16(np.exp(np.random.default_rng(1).normal(0, 0.5, w.shape[1])))
+    steps = grid.row_steps(w / s.astype(np.float32), 0.5)
+    for r, c, k in [(0, 0, 200), (0, 7, -300), (5, 383, 127.4), (9, 2, -128.4), (9, 3, 127.6), (200, 100, -128.6),
+                    (383, 383, 1e4)]:
+        w[r, c] = k * float(steps[r]) * float(s[c])
+    w2 = grid._Scaled(w, s)
+    coarser = lambda k: grid._f16(steps.astype(np.float32) * k)  # noqa: E731
+    for steps_, beyond in ((steps, 5), (coarser(40), 1), (coarser(2000), 0)):
+        rounded = grid.coding_form(w2, steps_, s, w.shape)
+        left = grid.coding_form(w2, steps_, s, w.shape, rounded=False)
+        np.testing.assert_array_equal(left.outlier_index, rounded.outlier_index)
+        np.testing.assert_array_equal(left.outlier_value, rounded.outlier_value)
+        np.testing.assert_array_equal(left.codebook, rounded.codebook)
+        assert not left.unpacked_codes().any() and left.n_outliers == beyond
+
+
 def test_column_scale_feeds_back_the_scaled_weights_under_the_scaled_moments(minilm_fp32, tokenizer, minilm_state):
     name = "encoder.layer.1.attention.output.dense.weight"
     ids, mask = feedback.calibration_batch(tokenizer, None, 16, seed=0, punctuation=True)

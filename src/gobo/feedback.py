@@ -490,7 +490,8 @@ def _fed_block(W0, err, Tt32, i1: int, i2: int):
 def feedback_rows(weight, h, codebook, mask, damp: float = DAMP, block: int = BLOCK, threads: int | None = None):
     """:func:`error_feedback` with nearest-centroid coding against one codebook per row,
     compiled: ``weight`` (rows x cols), ``codebook`` (rows x k ascending), ``mask`` (rows x
-    cols, True at outliers, which keep their fed-forward value rounded to float32). Each
+    cols, True at outliers, which keep their fed-forward value rounded to float32; None:
+    no outliers). Each
     block of columns gets the errors of the columns before it by one matrix product, then is
     coded row by row in C. Rows are shared among ``threads`` threads (torch's count by
     default); a row's codes do not depend on that split. Returns ``(codes, values)`` (uint8
@@ -524,10 +525,10 @@ def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: 
     F, diag, Tt32, perm, dead = _factor_parts(h, damp, scale)
     weight = np.asarray(weight, dtype=np.float32)
     rows, cols = weight.shape
-    M = torch.from_numpy(_columns(np.asarray(mask, dtype=bool).view(np.uint8), perm))
+    M = None if mask is None else torch.from_numpy(_columns(np.asarray(mask, dtype=bool).view(np.uint8), perm))
     cb = torch.as_tensor(np.ascontiguousarray(codebook, dtype=np.float64)).contiguous()
     codes = torch.empty((rows, cols), dtype=torch.uint8)
-    kept = torch.empty((rows, cols), dtype=torch.float64) if values or bool(M.any()) else None
+    kept = torch.empty((rows, cols), dtype=torch.float64) if values or (M is not None and bool(M.any())) else None
     t = max(1, min(threads or torch.get_num_threads(), rows))
     n = 1 if t == 1 else min(4 * t, max(t, rows // 64))  # shares of the rows, taken by the threads as they come free
     n = max(n, -(-rows // SHARE_ROWS))  # each share's own arrays small enough to stay in cache
@@ -545,7 +546,8 @@ def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: 
             i2 = min(i1 + block, cols)
             v = val[:, i1:i2] if kept is not None else val[:, : i2 - i1]
             W = _fed_block(W0, err, Tt32, i1, i2)
-            native.feedback_block(W, W0[:, i1:i2], Tb, cb[a:b], M[a:b, i1:i2], codes[a:b, i1:i2], v, err[:, i1:i2])
+            native.feedback_block(W, W0[:, i1:i2], Tb, cb[a:b], None if M is None else M[a:b, i1:i2], codes[a:b, i1:i2], v,
+                                  err[:, i1:i2])
 
     # Each thread takes shares of the rows through all the blocks, its products one-threaded:
     # no thread waits for another between blocks, and torch's own threads, which would spin
@@ -599,27 +601,36 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
         raise ValueError("Linears fed back together must share their column scale")
     if len({qt.bits for qt in qts}) != 1:  # one codebook width per compiled call (each scaled on its own)
         return [requantize_group([qt], [w], h, damp, block)[0] for qt, w in zip(qts, weights)]
-    if scale is not None:  # W = W' diag(s): W' is coded under the moments of the scaled inputs x s
-        s32 = scale.astype(np.float32)
-        weights = [np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols) / s32 for qt, w in zip(qts, weights)]
-        h = scaled_moments(h, s32)
-    cbs, masks, ws = [], [], []
+    # the Linears' rows one under the other, W' = W diag(s)^{-1} where scaled (W' is coded under
+    # the moments of the scaled inputs x s), written once; outliers' masks only where there are any
+    rows = [qt.rows for qt in qts]
+    cols = qts[0].cols
+    W = np.empty((sum(rows), cols), dtype=np.float32)
+    cbs, masks, r0 = [], None, 0
+    if any(qt.n_outliers for qt in qts):
+        masks = np.zeros((sum(rows), cols), dtype=bool)
     for qt, w in zip(qts, weights):
+        w = np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols)
+        if scale is not None:
+            np.divide(w, scale.astype(np.float32), out=W[r0 : r0 + qt.rows])
+        else:
+            W[r0 : r0 + qt.rows] = w
         cbs.append(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[: qt.rows].astype(np.float64))
-        m = np.zeros(qt.rows * qt.cols, dtype=bool)
-        m[qt.outlier_index] = True
-        masks.append(m.reshape(qt.rows, qt.cols))
-        ws.append(np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols))
+        if masks is not None:
+            masks.reshape(-1)[r0 * cols + qt.outlier_index] = True
+        r0 += qt.rows
+    cb = np.concatenate(cbs) if len(cbs) > 1 else cbs[0]
+    if scale is not None:
+        h = scaled_moments(h, scale.astype(np.float32))
     if isinstance(h, GroupedMoments):
-        cols = qts[0].cols
         if h.shape[0] != cols:
             raise ValueError(f"moments of {h.shape[0]} features for Linears that read {cols}")
-        codes = np.empty((sum(qt.rows for qt in qts), cols), dtype=np.uint8)
+        codes = np.empty((sum(rows), cols), dtype=np.uint8)
         which, where, parts = np.empty(cols, np.int64), np.empty(cols, np.int64), []
         for k, (g, hb) in enumerate(zip(h.index, h.blocks)):
             g = g.numpy()
-            c, value_at = _coded([np.take(w, g, axis=1) for w in ws], cbs, [np.take(m, g, axis=1) for m in masks], hb, damp,
-                                 block, h.mean)
+            c, value_at = _coded(np.take(W, g, axis=1), cb, None if masks is None else np.take(masks, g, axis=1), rows,
+                                 hb, damp, block, h.mean)
             codes[:, g], which[g], where[g] = c, k, np.arange(len(g))
             parts.append(value_at)
 
@@ -630,7 +641,7 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
                 out[s] = value_at(r[s], where[c[s]])
             return out
     else:
-        codes, values_at = _coded(ws, cbs, masks, h, damp, block, None)
+        codes, values_at = _coded(W, cb, masks, rows, h, damp, block, None)
     out, r0 = [], 0
     for qt in qts:
         r, c = np.divmod(qt.outlier_index, qt.cols)
@@ -639,37 +650,38 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
     return out
 
 
-def _coded(ws, cbs, masks, h, damp: float, block: int, scale: float | None):
-    """``(codes, values_at)`` of the rows of the weights ``ws`` (one array per Linear, rows x
-    cols) fed back under ``h``: the codes (uint8, rows of all x cols, column order) and a
-    function giving the fed-forward values at rows ``r`` and columns ``c`` (what outliers
-    keep). ``cbs``: each row's codebook, ``masks``: True at outliers."""
+def _coded(W, cb, mask, rows: Sequence[int], h, damp: float, block: int, scale: float | None):
+    """``(codes, values_at)`` of the rows of ``W`` (float32, the rows of every Linear one
+    under the other, ``rows`` of each) fed back under ``h``: the codes (uint8, rows x cols,
+    column order) and a function giving the fed-forward values at rows ``r`` and columns
+    ``c`` (what outliers keep). ``cb``: each row's codebook, ``mask``: True at outliers
+    (None: there are none)."""
     import torch
 
     from . import native
 
     if native.available():  # codes put back in column order; of the values, only the outliers' are read
-        codes, ordered, perm = _feedback_rows(np.concatenate(ws), h, np.concatenate(cbs), np.concatenate(masks), damp,
-                                              block, None, scale, values=False)
+        codes, ordered, perm = _feedback_rows(W, h, cb, mask, damp, block, None, scale, values=False)
         inv = torch.argsort(perm)
         if ordered is None:  # no outliers: no values to read
             return _columns(codes, inv), lambda r, c: np.zeros(len(r))
         at, ordered = inv.numpy(), ordered.numpy()
         return _columns(codes, inv), lambda r, c: ordered[r, at[c]]
-    parts = []  # the reference: one Linear at a time, in torch
-    for cb_, m_, w_ in zip(cbs, masks, ws):
-        cb = torch.from_numpy(cb_)
-        mids = ((cb[:, 1:] + cb[:, :-1]) * 0.5).contiguous()
-        mask = torch.from_numpy(m_)
+    parts, r0 = [], 0  # the reference: one Linear at a time, in torch
+    for n in rows:
+        cb_ = torch.from_numpy(cb[r0 : r0 + n])
+        mids = ((cb_[:, 1:] + cb_[:, :-1]) * 0.5).contiguous()
+        m_ = torch.zeros((n, W.shape[1]), dtype=torch.bool) if mask is None else torch.from_numpy(mask[r0 : r0 + n])
 
-        def nearest(col, j, cb=cb, mids=mids, mask=mask):
+        def nearest(col, j, cb=cb_, mids=mids, mask=m_):
             idx = (col[:, None] > mids).sum(1)  # nearest centroid, ties to the lower one
             m = mask[:, j]
             v = torch.where(m, col.to(torch.float32).to(torch.float64), cb.gather(1, idx[:, None])[:, 0])
             return v, torch.where(m, 0, idx)
 
-        c, v = error_feedback(torch.from_numpy(np.ascontiguousarray(w_)), h, nearest, damp, block, scale)
+        c, v = error_feedback(torch.from_numpy(np.ascontiguousarray(W[r0 : r0 + n])), h, nearest, damp, block, scale)
         parts.append((c.numpy(), v.numpy()))
+        r0 += n
     values = np.concatenate([p[1] for p in parts])
     return np.concatenate([p[0] for p in parts]).astype(np.uint8), lambda r, c: values[r, c]
 

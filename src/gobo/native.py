@@ -139,16 +139,17 @@ def feedback_block(w, w0, t, cb, mask, codes, val, err) -> None:
     """Native core of one block of :func:`gobo.feedback.feedback_rows`: 2-D float64 (``w``,
     ``w0``, ``t``, ``val``), float64 ``cb`` (rows x k, C-contiguous), uint8 (``mask``,
     ``codes``) and float32 ``err`` (the errors ``w0 - val``) torch tensors or views with unit
-    column stride."""
+    column stride; ``mask`` None: no outliers."""
     rows, n = w.shape
-    if any(a.stride(1) != 1 for a in (w, w0, t, cb, mask, codes, val, err) if a.shape[1] > 1):
+    if any(a.stride(1) != 1 for a in (w, w0, t, cb, mask, codes, val, err) if a is not None and a.shape[1] > 1):
         raise ValueError("feedback_block needs rows stored contiguously (unit column stride)")
     import torch
 
     if err.dtype != torch.float32 or tuple(err.shape) != (rows, n):
         raise ValueError("feedback_block needs float32 errors of the block's shape")
     lib().gobo_feedback_block(w.data_ptr(), w.stride(0), w0.data_ptr(), w0.stride(0), rows, n, t.data_ptr(), t.stride(0),
-                              cb.data_ptr(), cb.shape[1], mask.data_ptr(), mask.stride(0), codes.data_ptr(),
+                              cb.data_ptr(), cb.shape[1], None if mask is None else mask.data_ptr(),
+                              0 if mask is None else mask.stride(0), codes.data_ptr(),
                               codes.stride(0), val.data_ptr(), val.stride(0), err.data_ptr(), err.stride(0))
 
 

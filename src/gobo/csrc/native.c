@@ -321,7 +321,7 @@ GOBO_API void gobo_act_scores(const float *z, const double *c, int64_t rows, int
  * onto the later columns through row i of T. w: rows x n fed-forward weights of the block's
  * columns (row stride ldw), overwritten; w0: the original weights (row stride ldw0); t: the
  * n x n unit upper-triangular block of T (row stride ldt); cb: rows x k ascending centroids
- * (double); mask: rows x n (row stride ldm), 1 where the weight is an outlier; err: rows x n
+ * (double); mask: rows x n (row stride ldm), 1 where the weight is an outlier (NULL: none); err: rows x n
  * (row stride lde) receives each error w0[i] - value rounded to float32. Each row codes
  * its columns in order: the value x goes to the nearest centroid (ties to the lower one; an
  * outlier keeps x rounded to float32 and code 0), then w[j] += (w0[i] - value) * t[i, j].
@@ -402,7 +402,7 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const do
                 const double x = w[r * ldw + i];
                 double v;
                 int32_t q = 0;
-                if (mask[r * ldm + i]) {
+                if (mask && mask[r * ldm + i]) {
                     v = (double)(float)x;
                 } else {
                     q = k <= 16 ? nearest_code(mids[a], k, x) : nearest_wide(cb + r * k, k, x, per[a]);

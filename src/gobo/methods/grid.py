@@ -238,18 +238,45 @@ def _solve(bits_of: Callable[[float], float], budget: float) -> float:
     return math.exp(hi)
 
 
-def coding_form(w2: np.ndarray, steps: np.ndarray, scale: np.ndarray | None, shape: tuple[int, ...]):
+def coding_form(w2: np.ndarray, steps: np.ndarray, scale: np.ndarray | None, shape: tuple[int, ...],
+                rounded: bool = True):
     """The tensor as error feedback codes it: one codebook per row (its grid's levels times
     its step, in float32), codes by rounding, weights beyond the grid exact; ``w2`` is
-    ``W'``, already divided by ``scale``."""
+    ``W'``, already divided by ``scale``. ``rounded`` False: the codes are left at 0 for the
+    feedback to choose (it reads the codebooks and the weights beyond the grid alone), and
+    only those weights are looked for."""
     from ..qtensor import QuantizedTensor
 
-    codes, out = levels(w2, steps)
     cb = (np.arange(2 * GRID, dtype=np.float32) - GRID)[None, :] * steps.astype(np.float32)[:, None]
+    if not rounded:
+        idx = _beyond(w2, steps)
+        return QuantizedTensor(codes=np.zeros(int(np.prod(shape)), dtype=np.uint8), shape=shape, bits=8, codebook=cb,
+                               group_rows=1, outlier_index=idx, outlier_value=_flat(w2, idx).astype(np.float32),
+                               col_scale=scale, method="gobo")
+    codes, out = levels(w2, steps)
     idx = np.flatnonzero(out.reshape(-1)).astype(np.int64)
     return QuantizedTensor.from_codes(codes.reshape(-1), shape=shape, bits=8, codebook=cb, group_rows=1,
                                       outlier_index=idx, outlier_value=_flat(w2, idx).astype(np.float32),
                                       col_scale=scale, method="gobo")
+
+
+def _beyond(w2, steps: np.ndarray) -> np.ndarray:
+    """Flat positions (int64, increasing) of the weights of ``w2`` beyond their rows' grids:
+    the outliers of :func:`levels`, found from each row's largest and smallest weight (a
+    division by a positive step and rounding keep the order, so no level of the row lies
+    beyond theirs), the rows' own levels formed only where one of those two lies beyond."""
+    found = []
+    cols = w2.shape[1]
+    for a, b in row_blocks(*w2.shape):
+        x = w2[a:b]
+        s = steps[a:b].astype(np.float32)
+        hi, lo = np.rint(x.max(axis=1) / s), np.rint(x.min(axis=1) / s)
+        far = np.flatnonzero((hi > GRID - 1) | (lo < -GRID))
+        if far.size:
+            out = _quotients(x[far], steps[a:b][far])[2]
+            r, c = np.nonzero(out)
+            found.append((a + far[r]).astype(np.int64) * cols + c)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 def finish(qt, steps: np.ndarray):
@@ -460,7 +487,8 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
         for n in fed:
             steps[n] = row_steps(w2[n], c * m[n], spread[n])
         coding = dict(zip(fed, pool.map(
-            lambda n: coding_form(w2[n], steps[n], scales[shared.get(n, n)], tuple(np.shape(state[n]))), fed)))
+            lambda n: coding_form(w2[n], steps[n], scales[shared.get(n, n)], tuple(np.shape(state[n])), feed is None),
+            fed)))
         done = feed(coding) if feed is not None else coding
         for n, qt in zip(fed, pool.map(lambda n: finish(done[n], steps[n]), fed)):
             out[n] = qt
