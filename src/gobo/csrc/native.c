@@ -454,8 +454,13 @@ GOBO_API int64_t gobo_rans_encode(const uint8_t *codes, int64_t n, const uint16_
     int32_t l = n ? (int32_t)((n - 1) % lanes) : 0;
     for (int64_t i = n - 1; i >= 0; --i) {
         uint32_t s = codes[i], f = freq[s], X = x[l];
-        uint32_t xmax = ((RANS_L >> RANS_PROB_BITS) << 8) * f;
-        while (X >= xmax) { *--ptr = (uint8_t)(X & 0xff); X >>= 8; }
+        const uint64_t xmax = (uint64_t)((RANS_L >> RANS_PROB_BITS) << 8) * f;
+        /* bytes out without a branch: X < 2^31 leaves at most two above xmax >= 2^17 */
+        const int out1 = X >= xmax, out2 = (uint64_t)X >= xmax << 8;
+        ptr[-1] = (uint8_t)(X & 0xff);
+        ptr[-2] = (uint8_t)((X >> 8) & 0xff);
+        ptr -= out1 + out2;
+        X >>= 8 * (out1 + out2);
         x[l] = ((X / f) << RANS_PROB_BITS) + (X % f) + cum[s];
         l = l ? l - 1 : lanes - 1;
     }
