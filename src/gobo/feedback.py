@@ -689,7 +689,7 @@ def _coded(W, cb, mask, rows: Sequence[int], h, damp: float, block: int, scale: 
 def _recoded(qt: QuantizedTensor, codes: np.ndarray, outlier_value: np.ndarray) -> QuantizedTensor:
     """``qt`` with new codes (flat, row-major) and new outlier values (at its positions)."""
     return QuantizedTensor.from_codes(
-        codes.astype(np.uint8),
+        codes.astype(np.uint8, copy=False),
         shape=qt.shape,
         bits=qt.bits,
         codebook=qt.codebook,

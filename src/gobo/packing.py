@@ -49,7 +49,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.ascontiguousarray(codes).reshape(-1)
     nat = _native() if codes.size >= _NATIVE_MIN else None
     if nat is not None:
-        if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+        small = codes.dtype == np.uint8  # never below 0, and at 8 bits never too large
+        if codes.size and not (small and bits == 8) and ((not small and int(codes.min()) < 0) or int(codes.max()) >= (1 << bits)):
             raise ValueError(f"a code does not fit in {bits} bits")
         c8 = np.ascontiguousarray(codes, dtype=np.uint8)
         out = np.empty(packed_nbytes(c8.size, bits), dtype=np.uint8)
