@@ -490,10 +490,9 @@ def _fed_block(W0, err, Tt32, i1: int, i2: int):
 def feedback_rows(weight, h, codebook, mask, damp: float = DAMP, block: int = BLOCK, threads: int | None = None):
     """:func:`error_feedback` with nearest-centroid coding against one codebook per row,
     compiled: ``weight`` (rows x cols), ``codebook`` (rows x k ascending), ``mask`` (rows x
-    cols, True at outliers, which keep their fed-forward value rounded to float32; None:
-    no outliers). Each
-    block of columns gets the errors of the columns before it by one matrix product, then is
-    coded row by row in C. Rows are shared among ``threads`` threads (torch's count by
+    cols, True at outliers, which keep their fed-forward value rounded to float32; None: no
+    outliers). Each block of columns gets the errors of the columns before it by one matrix
+    product, then is coded row by row in C. Rows are shared among ``threads`` threads (torch's count by
     default); a row's codes do not depend on that split. Returns ``(codes, values)`` (uint8
     and float64, rows x cols) in the original column order."""
     import torch
