@@ -108,8 +108,7 @@ def quantize(
                 recorder = MomentsRecorder(src, sorted(refed), group=config.feedback_group)
             try:
                 sens = JacobianSensitivity(src, tokenizer, n_seqs=SENSITIVITY_SENTENCES, seed=config.synthetic_seed,
-                                           punctuation=True,
-                                           probes=config.sensitivity_probes, names=names,
+                                           punctuation=True, probes=config.sensitivity_probes, names=names,
                                            batch=SENSITIVITY_BATCH if config.shared_pass else 0, moments=recorder,
                                            rows=config.expected_gains,  # expected gains read the rows' sums alone
                                            table_moments=config.feedback_embeddings)

@@ -492,9 +492,9 @@ def feedback_rows(weight, h, codebook, mask, damp: float = DAMP, block: int = BL
     compiled: ``weight`` (rows x cols), ``codebook`` (rows x k ascending), ``mask`` (rows x
     cols, True at outliers, which keep their fed-forward value rounded to float32; None: no
     outliers). Each block of columns gets the errors of the columns before it by one matrix
-    product, then is coded row by row in C. Rows are shared among ``threads`` threads (torch's count by
-    default); a row's codes do not depend on that split. Returns ``(codes, values)`` (uint8
-    and float64, rows x cols) in the original column order."""
+    product, then is coded row by row in C. Rows are shared among ``threads`` threads
+    (torch's count by default); a row's codes do not depend on that split. Returns ``(codes,
+    values)`` (uint8 and float64, rows x cols) in the original column order."""
     import torch
 
     codes, values, perm = _feedback_rows(weight, h, codebook, mask, damp, block, threads)
@@ -604,14 +604,15 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
     # the moments of the scaled inputs x s), written once; outliers' masks only where there are any
     rows = [qt.rows for qt in qts]
     cols = qts[0].cols
+    s32 = None if scale is None else scale.astype(np.float32)
     W = np.empty((sum(rows), cols), dtype=np.float32)
     cbs, masks, r0 = [], None, 0
     if any(qt.n_outliers for qt in qts):
         masks = np.zeros((sum(rows), cols), dtype=bool)
     for qt, w in zip(qts, weights):
         w = np.asarray(w, dtype=np.float32).reshape(qt.rows, qt.cols)
-        if scale is not None:
-            np.divide(w, scale.astype(np.float32), out=W[r0 : r0 + qt.rows])
+        if s32 is not None:
+            np.divide(w, s32, out=W[r0 : r0 + qt.rows])
         else:
             W[r0 : r0 + qt.rows] = w
         cbs.append(np.repeat(np.asarray(qt.codebook, np.float32), qt.group_rows, axis=0)[: qt.rows].astype(np.float64))
@@ -619,8 +620,8 @@ def requantize_group(qts: Sequence[QuantizedTensor], weights: Sequence[np.ndarra
             masks.reshape(-1)[r0 * cols + qt.outlier_index] = True
         r0 += qt.rows
     cb = np.concatenate(cbs) if len(cbs) > 1 else cbs[0]
-    if scale is not None:
-        h = scaled_moments(h, scale.astype(np.float32))
+    if s32 is not None:
+        h = scaled_moments(h, s32)
     if isinstance(h, GroupedMoments):
         if h.shape[0] != cols:
             raise ValueError(f"moments of {h.shape[0]} features for Linears that read {cols}")

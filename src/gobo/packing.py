@@ -50,8 +50,9 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     nat = _native() if codes.size >= _NATIVE_MIN else None
     if nat is not None:
         small = codes.dtype == np.uint8  # never below 0, and at 8 bits never too large
-        if codes.size and not (small and bits == 8) and ((not small and int(codes.min()) < 0) or int(codes.max()) >= (1 << bits)):
-            raise ValueError(f"a code does not fit in {bits} bits")
+        if codes.size and not (small and bits == 8):
+            if (not small and int(codes.min()) < 0) or int(codes.max()) >= (1 << bits):
+                raise ValueError(f"a code does not fit in {bits} bits")
         c8 = np.ascontiguousarray(codes, dtype=np.uint8)
         out = np.empty(packed_nbytes(c8.size, bits), dtype=np.uint8)
         nat.pack_codes(c8, int(bits), out)

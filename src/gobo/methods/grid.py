@@ -248,16 +248,14 @@ def coding_form(w2: np.ndarray, steps: np.ndarray, scale: np.ndarray | None, sha
     from ..qtensor import QuantizedTensor
 
     cb = (np.arange(2 * GRID, dtype=np.float32) - GRID)[None, :] * steps.astype(np.float32)[:, None]
-    if not rounded:
-        idx = _beyond(w2, steps)
-        return QuantizedTensor(codes=np.zeros(int(np.prod(shape)), dtype=np.uint8), shape=shape, bits=8, codebook=cb,
-                               group_rows=1, outlier_index=idx, outlier_value=_flat(w2, idx).astype(np.float32),
-                               col_scale=scale, method="gobo")
-    codes, out = levels(w2, steps)
-    idx = np.flatnonzero(out.reshape(-1)).astype(np.int64)
-    return QuantizedTensor.from_codes(codes.reshape(-1), shape=shape, bits=8, codebook=cb, group_rows=1,
-                                      outlier_index=idx, outlier_value=_flat(w2, idx).astype(np.float32),
-                                      col_scale=scale, method="gobo")
+    if rounded:
+        codes, out = levels(w2, steps)
+        idx = np.flatnonzero(out.reshape(-1)).astype(np.int64)
+    else:
+        codes, idx = np.zeros(int(np.prod(shape)), dtype=np.uint8), _beyond(w2, steps)
+    # 8-bit codes are their own packed form: this call's new array is stored as it is
+    return QuantizedTensor(codes=codes.reshape(-1), shape=shape, bits=8, codebook=cb, group_rows=1, outlier_index=idx,
+                           outlier_value=_flat(w2, idx).astype(np.float32), col_scale=scale, method="gobo")
 
 
 def _beyond(w2, steps: np.ndarray) -> np.ndarray:
@@ -487,8 +485,8 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
         for n in fed:
             steps[n] = row_steps(w2[n], c * m[n], spread[n])
         coding = dict(zip(fed, pool.map(
-            lambda n: coding_form(w2[n], steps[n], scales[shared.get(n, n)], tuple(np.shape(state[n])), feed is None),
-            fed)))
+            lambda n: coding_form(w2[n], steps[n], scales[shared.get(n, n)], tuple(np.shape(state[n])),
+                                  rounded=feed is None), fed)))
         done = feed(coding) if feed is not None else coding
         for n, qt in zip(fed, pool.map(lambda n: finish(done[n], steps[n]), fed)):
             out[n] = qt
