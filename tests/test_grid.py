@@ -405,6 +405,24 @@ def test_the_sample_counts_the_bits_of_its_rounded_levels(minilm_state, c):
         assert beyond.mean() > 0.5
 
 
+@pytest.mark.parametrize("c", [2.0**-10, 0.05, 0.5, 1.0, 3.0, 64.0])
+def test_the_compiled_level_counts_are_numpys(minilm_state, c):
+    """The step search's histogram, compiled: numpy's float32 quotient, rounded half to even,
+    clipped, on a real tensor's sample, on exact halves of the step (ties, both signs) and on
+    quotients far beyond the grid."""
+    from gobo import native
+
+    w = np.asarray(minilm_state["encoder.layer.2.output.dense.weight"], np.float32)
+    z = grid._Sample(w, False, grid._spread(w)).z
+    halves = (np.arange(-600, 601, dtype=np.float32) * np.float32(0.5) * np.float32(c)).astype(np.float32)
+    for x in (z, halves, np.array([1e6, -1e6, 0.0, -0.0], np.float32)):
+        q = x / np.float32(c)
+        np.rint(q, out=q)
+        expected = np.bincount(np.clip(q.astype(np.int64), -grid.GRID - 1, grid.GRID).reshape(-1) + grid.GRID + 1,
+                               minlength=2 * grid.GRID + 2)
+        np.testing.assert_array_equal(native.level_counts(np.ascontiguousarray(x), c, grid.GRID), expected)
+
+
 def test_the_sample_gives_the_bits_that_feedback_adds_to_a_table(minilm_fp32, tokenizer, minilm_state):
     """Rows are fed back independently, so the excess of a sample of them is the table's:
     with it, the estimate of the table's bits at a step is its fed-back size to 0.1%;

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "cluster_rows", "feedback_block", "kmeans1d_exact", "lib", "pack_codes", "rans_decode",
+__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "cluster_rows", "feedback_block", "kmeans1d_exact", "level_counts", "lib", "pack_codes", "rans_decode",
            "rans_encode", "unpack_codes"]
 
 
@@ -39,6 +39,8 @@ def lib() -> ctypes.CDLL:
     so.gobo_act_scores.argtypes = [ptr, ptr, i64, i64, i32, ptr, ptr, ptr]
     so.gobo_feedback_block.restype = None
     so.gobo_feedback_block.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64, ptr, i64]
+    so.gobo_level_counts.restype = None
+    so.gobo_level_counts.argtypes = [ptr, i64, ctypes.c_float, i32, ptr]
     so.gobo_rans_encode.restype = i64
     so.gobo_rans_encode.argtypes = [ptr, i64, ptr, i32, i32, ptr, i64]
     so.gobo_rans_decode.restype = ctypes.c_int
@@ -151,6 +153,17 @@ def feedback_block(w, w0, t, cb, mask, codes, val, err) -> None:
                               cb.data_ptr(), cb.shape[1], None if mask is None else mask.data_ptr(),
                               0 if mask is None else mask.stride(0), codes.data_ptr(),
                               codes.stride(0), val.data_ptr(), val.stride(0), err.data_ptr(), err.stride(0))
+
+
+def level_counts(z: np.ndarray, c: float, grid: int) -> np.ndarray:
+    """Native core of the grid step search's histogram (:meth:`gobo.methods.grid._Sample.bits`):
+    int64 counts of ``clip(rint(z / float32(c)), -grid - 1, grid) + grid + 1`` over ``z``
+    (float32, C-contiguous), ``2 grid + 2`` of them."""
+    if not (z.dtype == np.float32 and z.flags.c_contiguous and 1 <= grid <= 256):
+        raise ValueError("level_counts rejected its arguments")
+    out = np.empty(2 * grid + 2, dtype=np.int64)
+    lib().gobo_level_counts(z.ctypes.data, z.size, float(np.float32(c)), grid, out.ctypes.data)
+    return out
 
 
 def rans_encode(codes: np.ndarray, freq: np.ndarray, lanes: int) -> np.ndarray:

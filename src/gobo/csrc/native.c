@@ -508,3 +508,36 @@ GOBO_API int gobo_rans_decode(const uint8_t *in, int64_t len, const uint16_t *fr
         if (x[k] != RANS_L) return 1;
     return 0;
 }
+
+/* level_counts: counts[1 + grid + l] of the weights whose level rint(z[i] / c) is l, for l
+ * from -grid to grid - 1; counts[0] and counts[2 grid + 1] those below and above (the grid
+ * step search's histogram). The quotient is numpy's float32 division, rounded half to even
+ * (the 1.5 * 2^23 sum rounds it exactly: it is clamped first, to within 2^22); clamping
+ * before rounding gives what rounding, then clipping, gives, since the bounds are integers. */
+GOBO_API VECTOR_CLONES void gobo_level_counts(const float *z, int64_t n, float c, int32_t grid, int64_t *counts) {
+    enum { CHUNK = 512 };
+    int32_t idx[CHUNK];
+    int64_t part[4][2 * 256 + 2];
+    const int32_t m = 2 * grid + 2;
+    memset(part, 0, sizeof part);
+    const float lo = (float)(-grid - 1), hi = (float)grid, magic = 12582912.0f; /* 1.5 * 2^23 */
+    for (int64_t s = 0; s < n; s += CHUNK) {
+        const int64_t e = n - s < CHUNK ? n - s : CHUNK;
+        for (int64_t i = 0; i < e; ++i) {
+            float q = z[s + i] / c;
+            q = q < lo ? lo : q;
+            q = q > hi ? hi : q;
+            q = (q + magic) - magic;
+            idx[i] = (int32_t)q + grid + 1;
+        }
+        int64_t i = 0;
+        for (; i + 4 <= e; i += 4) {
+            part[0][idx[i]]++;
+            part[1][idx[i + 1]]++;
+            part[2][idx[i + 2]]++;
+            part[3][idx[i + 3]]++;
+        }
+        for (; i < e; ++i) part[0][idx[i]]++;
+    }
+    for (int32_t j = 0; j < m; ++j) counts[j] = part[0][j] + part[1][j] + part[2][j] + part[3][j];
+}

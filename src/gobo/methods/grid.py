@@ -188,18 +188,27 @@ class _Sample:
         self.added = 0.0  # bits per weight that error feedback adds to the rounded codes' (see _fed_excess)
 
     def bits(self, c: float) -> float:
-        q = self.z / np.float32(c)
-        np.rint(q, out=q)
-        u = q.astype(np.int64)  # levels -GRID .. GRID - 1 as 1 .. 2 GRID, those beyond the grid as 0 and 2 GRID + 1
-        np.clip(u, -GRID - 1, GRID, out=u)
-        u += GRID + 1
-        counts = np.bincount(u.reshape(-1), minlength=2 * GRID + 2)
+        counts = _level_counts(self.z, c)
         beyond = int(counts[0] + counts[-1])
         n = counts[1:-1].copy()
         n[GRID] += beyond  # a weight beyond the grid has the code of level 0
         used = np.flatnonzero(n)
-        h = (_entropy_of(n) + OUTLIER_BITS * beyond) / u.size + self.added
+        h = (_entropy_of(n) + OUTLIER_BITS * beyond) / self.z.size + self.added
         return self.n * h + _overhead_bits(self.rows, self.cols, self.scaled, int(used[-1] - used[0]) + 1)
+
+
+def _level_counts(z: np.ndarray, c: float) -> np.ndarray:
+    """How many of ``z`` (float32) fall on each level of the grid at step ``c``: levels
+    ``-GRID .. GRID - 1`` at 1 .. 2 GRID, those beyond the grid at 0 and 2 GRID + 1 (int64)."""
+    from .. import native
+
+    if native.available():
+        return native.level_counts(z, c, GRID)
+    q = z / np.float32(c)
+    np.rint(q, out=q)
+    u = q.astype(np.int64)
+    np.clip(u, -GRID - 1, GRID, out=u)
+    return np.bincount((u + (GRID + 1)).reshape(-1), minlength=2 * GRID + 2)
 
 
 def _fed_excess(sample: _Sample, w2: np.ndarray, w: np.ndarray, spread: np.ndarray, scale: np.ndarray, h, damp: float,
