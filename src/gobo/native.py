@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "cluster_rows", "feedback_block", "kmeans1d_exact", "level_counts", "lib", "pack_codes", "rans_decode",
+__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "byte_counts", "cluster_rows", "feedback_block", "kmeans1d_exact", "level_counts", "lib", "pack_codes", "rans_decode",
            "rans_encode", "unpack_codes"]
 
 
@@ -39,6 +39,8 @@ def lib() -> ctypes.CDLL:
     so.gobo_act_scores.argtypes = [ptr, ptr, i64, i64, i32, ptr, ptr, ptr]
     so.gobo_feedback_block.restype = None
     so.gobo_feedback_block.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64, ptr, i64]
+    so.gobo_byte_counts.restype = None
+    so.gobo_byte_counts.argtypes = [ptr, i64, ptr]
     so.gobo_level_counts.restype = None
     so.gobo_level_counts.argtypes = [ptr, i64, ctypes.c_float, i32, ptr]
     so.gobo_rans_encode.restype = i64
@@ -153,6 +155,15 @@ def feedback_block(w, w0, t, cb, mask, codes, val, err) -> None:
                               cb.data_ptr(), cb.shape[1], None if mask is None else mask.data_ptr(),
                               0 if mask is None else mask.stride(0), codes.data_ptr(),
                               codes.stride(0), val.data_ptr(), val.stride(0), err.data_ptr(), err.stride(0))
+
+
+def byte_counts(x: np.ndarray) -> np.ndarray:
+    """How often each value 0 .. 255 occurs in ``x`` (uint8, C-contiguous), int64."""
+    if not (x.dtype == np.uint8 and x.flags.c_contiguous):
+        raise ValueError("byte_counts rejected its arguments")
+    out = np.empty(256, dtype=np.int64)
+    lib().gobo_byte_counts(x.ctypes.data, x.size, out.ctypes.data)
+    return out
 
 
 def level_counts(z: np.ndarray, c: float, grid: int) -> np.ndarray:

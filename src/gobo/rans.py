@@ -144,10 +144,14 @@ def code_length(counts: np.ndarray, nsym: int) -> float:
 
 def counts(codes: np.ndarray, nsym: int) -> np.ndarray:
     """How often each value below ``nsym`` occurs in flat uint8 ``codes`` (int64), counted a
-    block at a time (a whole-array count would widen every code to 8 bytes first)."""
+    block at a time, compiled (numpy's count would widen every code to 8 bytes first)."""
     n = np.zeros(max(nsym, 256), dtype=np.int64)
-    for a in range(0, codes.size, 1 << 18):
-        n += np.bincount(codes[a : a + (1 << 18)], minlength=256)
+    nat = _native() if codes.size >= _NATIVE_MIN else None
+    if nat is not None:
+        n[:256] = nat.byte_counts(np.ascontiguousarray(codes, dtype=np.uint8))
+    else:
+        for a in range(0, codes.size, 1 << 18):
+            n[:256] += np.bincount(codes[a : a + (1 << 18)], minlength=256)
     return n[: max(nsym, int(np.flatnonzero(n)[-1]) + 1 if codes.size else 0)]
 
 

@@ -103,14 +103,22 @@ GOBO_API int gobo_kmeans1d_exact(const double *x, int64_t n, int32_t k, double *
 }
 
 /* Bit packing, format v1 (see gobo/packing.py): code i occupies stream bits [i*b, (i+1)*b),
- * LSB first; stream bit j is bit j % 8 of byte j / 8. out must hold ceil(n*b/8) bytes. */
+ * LSB first; stream bit j is bit j % 8 of byte j / 8. out must hold ceil(n*b/8) bytes.
+ * Eight codes fill exactly b bytes: they are gathered in one 64-bit word and stored (or
+ * loaded) together, the last n % 8 a bit at a time. */
 GOBO_API void gobo_pack_codes(const uint8_t *codes, int64_t n, int32_t bits, uint8_t *out) {
-    int64_t nbytes = (n * bits + 7) / 8;
-    memset(out, 0, (size_t)nbytes);
+    const int64_t whole = n / 8;
+    for (int64_t g = 0; g < whole; ++g) {
+        const uint8_t *c = codes + 8 * g;
+        uint64_t acc = 0;
+        for (int k = 0; k < 8; ++k) acc |= (uint64_t)c[k] << (k * bits);
+        uint8_t *o = out + g * bits;
+        for (int k = 0; k < bits; ++k) o[k] = (uint8_t)(acc >> (8 * k));
+    }
     uint64_t acc = 0;
     int filled = 0;
-    int64_t o = 0;
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t o = whole * bits;
+    for (int64_t i = whole * 8; i < n; ++i) {
         acc |= (uint64_t)codes[i] << filled;
         filled += bits;
         while (filled >= 8) {
@@ -123,11 +131,19 @@ GOBO_API void gobo_pack_codes(const uint8_t *codes, int64_t n, int32_t bits, uin
 }
 
 GOBO_API void gobo_unpack_codes(const uint8_t *packed, int64_t n, int32_t bits, uint8_t *out) {
+    const uint64_t mask = (1u << bits) - 1u;
+    const int64_t whole = n / 8;
+    for (int64_t g = 0; g < whole; ++g) {
+        const uint8_t *p = packed + g * bits;
+        uint64_t acc = 0;
+        for (int k = 0; k < bits; ++k) acc |= (uint64_t)p[k] << (8 * k);
+        uint8_t *o = out + 8 * g;
+        for (int k = 0; k < 8; ++k) o[k] = (uint8_t)((acc >> (k * bits)) & mask);
+    }
     uint64_t acc = 0;
     int have = 0;
-    int64_t p = 0;
-    const uint64_t mask = (1u << bits) - 1u;
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t p = whole * bits;
+    for (int64_t i = whole * 8; i < n; ++i) {
         while (have < bits) {
             acc |= (uint64_t)packed[p++] << have;
             have += 8;
@@ -135,6 +151,29 @@ GOBO_API void gobo_unpack_codes(const uint8_t *packed, int64_t n, int32_t bits, 
         out[i] = (uint8_t)(acc & mask);
         acc >>= bits;
         have -= bits;
+    }
+}
+
+/* byte_counts: counts[v] of the bytes of value v in x (256 of them), in four partial
+ * tables so that runs of one value do not wait on their own increments. */
+GOBO_API void gobo_byte_counts(const uint8_t *x, int64_t n, int64_t *counts) {
+    uint32_t part[4][256];
+    memset(part, 0, sizeof part);
+    memset(counts, 0, 256 * sizeof *counts);
+    for (int64_t s = 0; s < n; s += (int64_t)1 << 30) {  /* flushed before a partial count can wrap */
+        const int64_t e = n - s < ((int64_t)1 << 30) ? n : s + ((int64_t)1 << 30);
+        int64_t i = s;
+        for (; i + 4 <= e; i += 4) {
+            part[0][x[i]]++;
+            part[1][x[i + 1]]++;
+            part[2][x[i + 2]]++;
+            part[3][x[i + 3]]++;
+        }
+        for (; i < e; ++i) part[0][x[i]]++;
+        for (int v = 0; v < 256; ++v) {
+            counts[v] += (int64_t)part[0][v] + part[1][v] + part[2][v] + part[3][v];
+            part[0][v] = part[1][v] = part[2][v] = part[3][v] = 0;
+        }
     }
 }
 
