@@ -423,6 +423,27 @@ def test_the_compiled_level_counts_are_numpys(minilm_state, c):
         np.testing.assert_array_equal(native.level_counts(np.ascontiguousarray(x), c, grid.GRID), expected)
 
 
+def test_the_compiled_levels_are_numpys(minilm_state):
+    """:func:`grid.levels` compiled against numpy's quotients and rounding, on a real tensor
+    (plain and divided by column scales), with weights at exact halves of their steps (ties)
+    and beyond the grid on both sides."""
+    w = np.asarray(minilm_state["encoder.layer.0.attention.self.query.weight"], np.float32)[:96].copy()
+    steps = grid._f16(0.02 * grid._spread(w))
+    s32 = steps.astype(np.float32)[:, None]
+    w[:, :40] = (np.arange(-20, 20, dtype=np.float32) * np.float32(0.5))[None, :] * s32  # ties
+    w[:, 40] = 300 * s32[:, 0]
+    w[:, 41] = -300 * s32[:, 0]
+    scaled = grid._Scaled(w, grid._f16(np.linspace(0.5, 2.0, w.shape[1])))
+    for w2, plain in ((w, w), (scaled, scaled[:])):
+        q = plain / s32
+        np.rint(q, out=q)
+        beyond = (q < -grid.GRID) | (q > grid.GRID - 1)
+        codes, out = grid.levels(w2, steps)
+        np.testing.assert_array_equal(out, beyond)
+        np.testing.assert_array_equal(codes, np.where(beyond, 0, q + grid.GRID).astype(np.uint8) + beyond * grid.GRID)
+    assert out[:, 40].all() and out[:, 41].all()
+
+
 def test_the_sample_gives_the_bits_that_feedback_adds_to_a_table(minilm_fp32, tokenizer, minilm_state):
     """Rows are fed back independently, so the excess of a sample of them is the table's:
     with it, the estimate of the table's bits at a step is its fed-back size to 0.1%;

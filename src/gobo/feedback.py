@@ -481,10 +481,9 @@ def _fed_block(W0, err, Tt32, i1: int, i2: int):
     Gathered when the block is reached rather than pushed onto all later columns after each
     block, so the weights after a block are never rewritten; the product's rounding (relative
     1e-7) is far below a code step."""
-    out = W0[:, i1:i2].clone()
-    if i1:
-        out += err[:, :i1] @ Tt32[i1:i2, :i1].mT  # added in float64, as the product widened first
-    return out
+    if not i1:
+        return W0[:, i1:i2].clone()
+    return W0[:, i1:i2] + err[:, :i1] @ Tt32[i1:i2, :i1].mT  # added in float64, as the product widened first
 
 
 def feedback_rows(weight, h, codebook, mask, damp: float = DAMP, block: int = BLOCK, threads: int | None = None):

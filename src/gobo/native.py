@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "byte_counts", "cluster_rows", "feedback_block", "kmeans1d_exact", "level_counts", "lib", "pack_codes", "rans_decode",
+__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "byte_counts", "cluster_rows", "feedback_block", "grid_levels", "kmeans1d_exact", "level_counts", "lib", "pack_codes", "rans_decode",
            "rans_encode", "unpack_codes"]
 
 
@@ -41,6 +41,8 @@ def lib() -> ctypes.CDLL:
     so.gobo_feedback_block.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64, ptr, i64]
     so.gobo_byte_counts.restype = None
     so.gobo_byte_counts.argtypes = [ptr, i64, ptr]
+    so.gobo_grid_levels.restype = i64
+    so.gobo_grid_levels.argtypes = [ptr, i64, i64, i64, ptr, i32, ptr, ptr]
     so.gobo_level_counts.restype = None
     so.gobo_level_counts.argtypes = [ptr, i64, ctypes.c_float, i32, ptr]
     so.gobo_rans_encode.restype = i64
@@ -164,6 +166,19 @@ def byte_counts(x: np.ndarray) -> np.ndarray:
     out = np.empty(256, dtype=np.int64)
     lib().gobo_byte_counts(x.ctypes.data, x.size, out.ctypes.data)
     return out
+
+
+def grid_levels(w: np.ndarray, steps: np.ndarray, grid: int, codes: np.ndarray, beyond: np.ndarray) -> int:
+    """Native core of :func:`gobo.methods.grid.levels`: ``w`` float32 (rows x cols, unit column
+    stride), ``steps`` float32 (rows,), ``codes`` and ``beyond`` uint8 (rows x cols,
+    C-contiguous) written; returns how many weights lie beyond the grid."""
+    rows, cols = w.shape
+    if not (w.dtype == np.float32 and (w.strides[1] == 4 or cols <= 1) and steps.dtype == np.float32
+            and steps.shape == (rows,) and steps.flags.c_contiguous and 1 <= grid <= 128
+            and all(a.dtype == np.uint8 and a.shape == (rows, cols) and a.flags.c_contiguous for a in (codes, beyond))):
+        raise ValueError("grid_levels rejected its arguments")
+    return int(lib().gobo_grid_levels(w.ctypes.data, rows, cols, w.strides[0] // 4 if rows > 1 else cols,
+                                      steps.ctypes.data, grid, codes.ctypes.data, beyond.ctypes.data))
 
 
 def level_counts(z: np.ndarray, c: float, grid: int) -> np.ndarray:

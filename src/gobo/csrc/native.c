@@ -580,3 +580,32 @@ GOBO_API VECTOR_CLONES void gobo_level_counts(const float *z, int64_t n, float c
     }
     for (int32_t j = 0; j < m; ++j) counts[j] = part[0][j] + part[1][j] + part[2][j] + part[3][j];
 }
+
+/* grid_levels: each weight of w (rows x cols, row stride ldw) rounded to its row's grid,
+ * rint(w / step[r]) in float32 as numpy divides and rounds it (half to even): code level +
+ * grid where the level lies in -grid .. grid - 1, else code grid (level 0) and beyond[i] = 1.
+ * Returns the number of weights beyond the grid. */
+GOBO_API VECTOR_CLONES int64_t gobo_grid_levels(const float *w, int64_t rows, int64_t cols, int64_t ldw,
+                                                const float *step, int32_t grid, uint8_t *codes, uint8_t *beyond) {
+    const float lo = (float)(-grid - 1), hi = (float)grid, magic = 12582912.0f; /* 1.5 * 2^23 */
+    int64_t far = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *x = w + r * ldw;
+        const float s = step[r];
+        uint8_t *c = codes + r * cols, *b = beyond + r * cols;
+        int64_t n = 0;
+        for (int64_t i = 0; i < cols; ++i) {
+            float q = x[i] / s;
+            q = q < lo ? lo : q;
+            q = q > hi ? hi : q;
+            q = (q + magic) - magic;
+            const int32_t l = (int32_t)q;
+            const int32_t out = (l < -grid) | (l > grid - 1);
+            b[i] = (uint8_t)out;
+            c[i] = (uint8_t)(out ? grid : l + grid);
+            n += out;
+        }
+        far += n;
+    }
+    return far;
+}

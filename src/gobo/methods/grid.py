@@ -137,8 +137,16 @@ def _quotients(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def levels(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, outlier)``: ``w2`` rounded to its rows' grids as codes ``level + GRID``
     (uint8) and the mask of weights beyond the grid (their code is that of level 0)."""
+    from .. import native
+
     codes = np.empty(w2.shape, dtype=np.uint8)
     out = np.empty(w2.shape, dtype=bool)
+    whole = isinstance(w2, np.ndarray) and w2.dtype == np.float32
+    if native.available() and (whole or isinstance(w2, _Scaled)):  # compiled: the same quotients, no temporaries
+        s = np.ascontiguousarray(steps, dtype=np.float32)
+        for a, b in [(0, w2.shape[0])] if whole else row_blocks(*w2.shape):
+            native.grid_levels(np.ascontiguousarray(w2[a:b]), s[a:b], GRID, codes[a:b], out[a:b].view(np.uint8))
+        return codes, out
     for a, b in row_blocks(*w2.shape):
         q, _, out[a:b] = _quotients(w2[a:b], steps[a:b])
         q[out[a:b]] = 0
