@@ -265,7 +265,9 @@ def test_row_gains_without_weight_gradients_equal_the_gradients_row_sums(minilm_
     """``rows=True`` sums each Linear row's ``|J_i|^2`` as ``G_r^T (X X^T) G_r`` over the
     real tokens instead of squaring the weight gradient: the same sums to float32 rounding
     (tables and the pooler, whose gradients it still forms, as well), in one pass or in
-    batches, the same expected step factors, and no per-weight gains to ask for."""
+    batches, the same expected step factors, and no per-weight gains to ask for. With one
+    direction for all sentences (``batch`` 0) its passes take 8 sentences at a time
+    (:data:`gobo.calibrate.JOINT_CHUNK`) and the sums are those of the one pass all the same."""
     from gobo.hf import quantizable_names
     from gobo.methods import grid
 
@@ -274,7 +276,8 @@ def test_row_gains_without_weight_gradients_equal_the_gradients_row_sums(minilm_
         cols = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=16, punctuation=True, probes=2, names=names, batch=batch)
         rows = JacobianSensitivity(minilm_fp32, tokenizer, n_seqs=16, punctuation=True, probes=2, names=names, batch=batch,
                                    rows=True)
-        assert rows.energy == cols.energy and not rows.column
+        # the same hidden states, from passes over fewer positions with batch 0
+        assert rows.energy == (pytest.approx(cols.energy, rel=1e-6) if batch == 0 else cols.energy) and not rows.column
         for n in names:
             want, got = cols.rows_of(n), rows.rows_of(n)
             assert got.shape == (minilm_state[n].shape[0],) and got.dtype == np.float64
