@@ -750,6 +750,13 @@ def one_per_thread():
         torch.set_num_threads(threads)
 
 
+def _feedback_cost(h, rows: int) -> int:
+    """About how much work feeding back ``rows`` rows under moments ``h`` takes: the
+    factorisation of each block of the moments and each row's pass over its columns."""
+    widths = [len(g) for g in h.index] if isinstance(h, GroupedMoments) else [h.shape[0]]
+    return sum(w**3 // 3 + rows * w * w for w in widths)
+
+
 def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] | None, n: int,
           damp: float = DAMP, punctuation: bool = False, seed: int = 0, moments: tuple | None = None,
           progress: Callable[[str], None] | None = None, dtype: str = "float32", skip: Collection[str] = (),
@@ -780,17 +787,20 @@ def apply(model, tokenizer, quantized: dict, state: dict, texts: Sequence[str] |
     for name in quantized:
         if name in h and name not in skip:
             groups.setdefault(shared.get(name, name), []).append(name)
-    out = {}
+    fed: dict = {}
     # one-threaded products, one Linear per thread: every step of each (its factorisation and
-    # orderings too) runs in parallel, and no thread waits for another between blocks
+    # orderings too) runs in parallel, and no thread waits for another between blocks; the
+    # costliest first, so that the last to finish are short ones
+    keys = sorted(groups, key=lambda key: -_feedback_cost(h[key], sum(quantized[n].rows for n in groups[key])))
     with one_per_thread() as pool:
         done = pool.map(lambda key: requantize_group([quantized[n] for n in groups[key]], [state[n] for n in groups[key]],
-                                                     h[key], damp=damp), list(groups))
-        for names, qts in zip(groups.values(), done):
-            for n, qt in zip(names, qts):
-                out[n] = qt
+                                                     h[key], damp=damp), keys)
+        for key, qts in zip(keys, done):
+            for n, qt in zip(groups[key], qts):
+                fed[n] = qt
                 if progress is not None:
                     progress(n)
+    out = {n: fed[n] for n in quantized if n in fed}
     if progress is not None:  # Linears skipped or not reached as 3-D inputs (a pooler) keep their codes
         for name in linear_weights(model, [n for n in quantized if n not in h or n in skip]):
             progress(name)

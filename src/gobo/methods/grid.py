@@ -66,6 +66,9 @@ MAX_FACTOR = 4.0
 OUTLIER_BITS = 64
 #: rows sampled per tensor when the step is searched for (all rows of smaller tensors)
 _SAMPLE = 1 << 17
+#: step_factors(expected=True): blocks of rows (:func:`row_blocks`) per piece of work, so that a
+#: large table's statistics are shared among the threads
+_STAT_BLOCKS = 32
 
 
 def _f16(a) -> np.ndarray:
@@ -95,16 +98,29 @@ def _flat(w2, idx: np.ndarray) -> np.ndarray:
     return w2.flat(idx) if isinstance(w2, _Scaled) else w2.reshape(-1)[idx]
 
 
-def _spread(w2: np.ndarray) -> np.ndarray:
+def _spread(w2: np.ndarray, sds: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Each row's standard deviation (float64); a constant row gets its largest magnitude,
-    or 1 when it is all zeros, so that it still has a step."""
-    sd = np.empty(w2.shape[0])
-    for a, b in row_blocks(*w2.shape):
-        sd[a:b] = w2[a:b].std(axis=1, dtype=np.float64)
+    or 1 when it is all zeros, so that it still has a step. ``sds``: the deviations of its
+    :func:`row_blocks` in order, when already computed (:func:`_row_sds`)."""
+    if sds is None:
+        sds = _row_sds(w2, list(row_blocks(*w2.shape)))
+    sd = np.concatenate(sds) if len(sds) else np.empty(0)
     flat = sd <= 0
     if flat.any():
         sd[flat] = np.where(np.abs(w2[flat]).max(axis=1) > 0, np.abs(w2[flat]).max(axis=1), 1.0)
     return sd
+
+
+def _row_sds(w2: np.ndarray, blocks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """The standard deviation (float64) of each row of each block of rows ``[a, b)``."""
+    return [w2[a:b].std(axis=1, dtype=np.float64) for a, b in blocks]
+
+
+def _block_parts(shape: tuple[int, int]) -> list[list[tuple[int, int]]]:
+    """The :func:`row_blocks` of a tensor of ``shape`` (rows x cols), :data:`_STAT_BLOCKS` to a
+    piece of work: a large tensor's per-row statistics shared among threads."""
+    blocks = list(row_blocks(*shape))
+    return [blocks[i : i + _STAT_BLOCKS] for i in range(0, len(blocks), _STAT_BLOCKS)]
 
 
 def row_steps(w2: np.ndarray, c: float, spread: np.ndarray | None = None) -> np.ndarray:
@@ -134,12 +150,13 @@ def _quotients(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return q, s, (q < -GRID) | (q > GRID - 1)
 
 
-def levels(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def levels(w2: np.ndarray, steps: np.ndarray, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, outlier)``: ``w2`` rounded to its rows' grids as codes ``level + GRID``
-    (uint8) and the mask of weights beyond the grid (their code is that of level 0)."""
+    (uint8; written into ``codes`` when given, C-contiguous of ``w2``'s shape) and the mask
+    of weights beyond the grid (their code is that of level 0)."""
     from .. import native
 
-    codes = np.empty(w2.shape, dtype=np.uint8)
+    codes = np.empty(w2.shape, dtype=np.uint8) if codes is None else codes
     out = np.empty(w2.shape, dtype=bool)
     whole = isinstance(w2, np.ndarray) and w2.dtype == np.float32
     if native.available() and (whole or isinstance(w2, _Scaled)):  # compiled: the same quotients, no temporaries
@@ -320,13 +337,27 @@ def _finished(codes: np.ndarray, shape: tuple[int, ...], steps: np.ndarray, outl
         method="gobo", compact=True, col_scale=col_scale, entropy=True)
 
 
-def _rounded_levels(w2: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(codes, outlier_index, outlier_value)`` of ``w2`` rounded to its rows' grids, as
-    :func:`_finished` takes them (the codes flat, a weight beyond the grid at level 0): what
-    :func:`finish` of :func:`coding_form` without feedback starts from."""
-    codes, out = levels(w2, steps)
-    idx = np.flatnonzero(out.reshape(-1)).astype(np.int64)
-    return codes.reshape(-1), idx, _flat(w2, idx).astype(np.float32)
+def _rounded_levels(w2s: Mapping[str, np.ndarray], steps: Mapping[str, np.ndarray], names: Sequence[str],
+                    pool) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(codes, outlier_index, outlier_value)`` of each tensor ``w2s[n]`` rounded to its rows'
+    grids, as :func:`_finished` takes them (the codes flat, a weight beyond the grid at level
+    0): what :func:`finish` of :func:`coding_form` without feedback starts from. Blocks of
+    rows go to ``pool``'s threads, a large table's shared among them."""
+    codes = {n: np.empty(w2s[n].shape, dtype=np.uint8) for n in names}
+    parts = [(n, blocks[0][0], blocks[-1][1]) for n in names for blocks in _block_parts(w2s[n].shape)]
+
+    def part(n: str, a: int, b: int) -> np.ndarray:
+        out = levels(w2s[n][a:b], steps[n][a:b], codes[n][a:b])[1]
+        return np.flatnonzero(out.reshape(-1)).astype(np.int64) + a * w2s[n].shape[1]
+
+    found: dict[str, list] = {n: [] for n in names}
+    for (n, _, _), idx in zip(parts, pool.map(lambda p: part(*p), parts)):
+        found[n].append(idx)
+    out = {}
+    for n in names:
+        idx = np.concatenate(found[n]) if found[n] else np.zeros(0, dtype=np.int64)
+        out[n] = (codes[n].reshape(-1), idx, _flat(w2s[n], idx).astype(np.float32))
+    return out
 
 
 def _model_bits(codes: np.ndarray, outliers: int, rows: int, cols: int) -> float:
@@ -387,14 +418,20 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
             g = sensitivity(n, q.reshape(w32.shape)) / err
         return _relative_step(w.size, g)
 
-    def expected_relative(n: str) -> float:
+    def row_stats(n: str, blocks: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
+        """Each block's rows' variances and its sum of squares (a constant row's rounding
+        makes no error)."""
+        w = as_rows(state[n])[1]
+        return [(w[a:b].var(axis=1, dtype=np.float64), float(np.square(w[a:b], dtype=np.float64).sum()))
+                for a, b in blocks]
+
+    def expected_relative(n: str, stats: list[tuple[np.ndarray, float]]) -> float:
         w = as_rows(state[n])[1]
         gained = row_sums(n)  # each row's sum of |J_i|^2
-        var = np.empty(w.shape[0])  # each row's variance
+        var = np.concatenate([v for v, _ in stats])  # each row's variance
         sq = 0.0
-        for a, b in row_blocks(*w.shape):
-            var[a:b] = w[a:b].var(axis=1, dtype=np.float64)  # a constant row's rounding makes no error
-            sq += float(np.square(w[a:b], dtype=np.float64).sum())
+        for _, s in stats:  # summed block after block
+            sq += s
         g = float(np.dot(var, gained)) / max(w.shape[1] * float(var.sum()), 1e-300) * sq / max(sensitivity.energy, 1e-300)
         return _relative_step(w.size, g)
 
@@ -404,9 +441,16 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
         raise ValueError("gains under a rounding need each weight's |J_i|^2: these gains kept their rows' sums alone")
     if columns is None:  # a sensitivity that runs the model: one tensor at a time
         out = {n: relative(n) for n in names}
+    elif expected:  # the rows' statistics a few blocks at a time, side by side (numpy releases the GIL)
+        parts = [(n, blocks) for n in names for blocks in _block_parts(as_rows(state[n])[1].shape)]
+        with tensor_pool(len(parts)) as pool:
+            stats: dict[str, list] = {n: [] for n in names}
+            for (n, _), got in zip(parts, pool.map(lambda part: row_stats(*part), parts)):
+                stats[n].extend(got)
+        out = {n: expected_relative(n, stats[n]) for n in names}
     else:  # the tensors side by side (numpy releases the GIL)
         with tensor_pool(len(names)) as pool:
-            out = dict(zip(names, pool.map(expected_relative if expected else relative, names)))
+            out = dict(zip(names, pool.map(relative, names)))
     mean = math.exp(float(np.mean([math.log(v) for v in out.values()])))
     # bounded: a tensor whose error does not reach the last hidden state (a pooler) may still
     # feed an output the sentences do not measure; it gets steps at most MAX_FACTOR times the
@@ -476,8 +520,13 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
     total = sum(w2[n].size for n in names)
     budget = target * total
     m = {n: 1.0 if factors is None else float(factors[n]) for n in names}
-    spread = dict(zip(names, pool.map(lambda n: _spread(w2[n]), names)))  # each row's, once: steps are multiples of it
-    samples = {n: _Sample(w2[n], n in fed, spread[n]) for n in names}
+    # each row's, once (steps are multiples of it), a large tensor's blocks side by side
+    parts = [(n, blocks) for n in names for blocks in _block_parts(w2[n].shape)]
+    sds: dict[str, list] = {n: [] for n in names}
+    for (n, _), got in zip(parts, pool.map(lambda part: _row_sds(w2[part[0]], part[1]), parts)):
+        sds[n].extend(got)
+    spread = {n: _spread(w2[n], sds[n]) for n in names}
+    samples = dict(zip(names, pool.map(lambda n: _Sample(w2[n], n in fed, spread[n]), names)))
 
     def bits_of(these: Sequence[str]) -> Callable[[float], float]:
         return lambda c: sum(pool.map(lambda n: samples[n].bits(c * m[n]), these))
@@ -521,7 +570,7 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
             for _ in range(4):  # first on the levels' code length under their model: not coded while over it
                 for n in rest:
                     steps[n] = row_steps(w2[n], c_rest * m[n], spread[n])
-                rounded = dict(zip(rest, pool.map(lambda n: _rounded_levels(w2[n], steps[n]), rest)))
+                rounded = _rounded_levels(w2, steps, rest, pool)
                 excess = sum(pool.map(lambda n: _model_bits(rounded[n][0], len(rounded[n][1]), *w2[n].shape), rest)) - left
                 if excess <= 0:
                     break
