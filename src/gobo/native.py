@@ -192,15 +192,22 @@ def level_counts(z: np.ndarray, c: float, grid: int) -> np.ndarray:
     return out
 
 
-def rans_encode(codes: np.ndarray, freq: np.ndarray, lanes: int) -> np.ndarray:
+def rans_encode(codes: np.ndarray, freq: np.ndarray, lanes: int, room: int = 0) -> np.ndarray:
     """Native core of :func:`gobo.rans.encode` (``codes`` uint8 C-contiguous, every one with a
-    frequency in the uint16 ``freq``, 1 to 256 lanes)."""
+    frequency in the uint16 ``freq``, 1 to 256 lanes). ``room``: bytes the stream is expected
+    to fit in (0: the most it can take, two bytes a code); where it does not, it is coded
+    again with that."""
     freq = np.ascontiguousarray(freq, dtype=np.uint16)
     if not (codes.dtype == np.uint8 and codes.flags.c_contiguous and 1 <= lanes <= 256 and 1 <= freq.size <= 256):
         raise ValueError("rans_encode rejected its arguments")
-    out = np.empty(2 * codes.size + 4 * lanes, dtype=np.uint8)
-    n = lib().gobo_rans_encode(codes.ctypes.data, codes.size, freq.ctypes.data, freq.size, lanes, out.ctypes.data, out.size)
-    return out[:n].copy()
+    most = 2 * codes.size + 4 * lanes
+    for cap in ([room] if 0 < room < most else []) + [most]:
+        out = np.empty(cap, dtype=np.uint8)
+        n = lib().gobo_rans_encode(codes.ctypes.data, codes.size, freq.ctypes.data, freq.size, lanes, out.ctypes.data,
+                                   out.size)
+        if n >= 0:
+            return out[:n] if cap - n <= max(4096, n // 16) else out[:n].copy()  # no copy of a tight buffer
+    raise AssertionError("the rANS coder ran out of room at two bytes a code")
 
 
 def rans_decode(stream: np.ndarray, freq: np.ndarray, lanes: int, n: int) -> np.ndarray:

@@ -113,12 +113,14 @@ def encode(codes: np.ndarray, freq: np.ndarray) -> np.ndarray:
     return _encode(codes, np.asarray(freq))
 
 
-def _encode(codes: np.ndarray, freq: np.ndarray) -> np.ndarray:
+def _encode(codes: np.ndarray, freq: np.ndarray, room: int = 0) -> np.ndarray:
     """:func:`encode` of flat uint8 ``codes`` that all have a frequency in ``freq``: the
-    compiled coder for long streams, the numpy one otherwise."""
+    compiled coder for long streams, the numpy one otherwise. ``room``: the bytes the stream
+    is expected to take (0: unknown), so that the compiled coder writes into no more memory
+    than it needs."""
     nat = _native() if codes.size >= _NATIVE_MIN else None
     if nat is not None:
-        return nat.rans_encode(codes, freq, lanes_for(codes.size))
+        return nat.rans_encode(codes, freq, lanes_for(codes.size), room)
     return encode_reference(codes, freq)
 
 
@@ -127,8 +129,11 @@ def encode_modelled(codes: np.ndarray, nsym: int) -> tuple[np.ndarray, np.ndarra
     model (:func:`model`), counted once: every value that occurs has a frequency, so
     :func:`encode`'s check is not needed."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
-    freq = _model(counts(codes, nsym), nsym)
-    return _encode(codes, freq), freq
+    n = counts(codes, nsym)
+    freq = _model(n, nsym)
+    # the stream is its code length to within a byte a lane, and the lanes' final states
+    room = int(_length(n, freq) / 8) + 6 * lanes_for(codes.size) + 64
+    return _encode(codes, freq, room), freq
 
 
 def code_length(counts: np.ndarray, nsym: int) -> float:
@@ -137,9 +142,14 @@ def code_length(counts: np.ndarray, nsym: int) -> float:
     the coder's renormalisation and its lanes' final states."""
     n = np.zeros(nsym, dtype=np.int64)
     n[: len(counts)] = counts
-    freq = _model(n, nsym).astype(np.float64)
-    seen = n > 0
-    return float(np.dot(n[seen], np.log2(M / freq[seen])))
+    return _length(n, _model(n, nsym))
+
+
+def _length(n: np.ndarray, freq: np.ndarray) -> float:
+    """Bits of codes with counts ``n`` under model ``freq`` (the same length)."""
+    f = np.asarray(freq, dtype=np.float64)[: len(n)]
+    seen = n[: len(f)] > 0
+    return float(np.dot(n[: len(f)][seen], np.log2(M / f[seen])))
 
 
 def counts(codes: np.ndarray, nsym: int) -> np.ndarray:

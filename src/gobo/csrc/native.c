@@ -496,6 +496,7 @@ GOBO_API int64_t gobo_rans_encode(const uint8_t *codes, int64_t n, const uint16_
         const uint64_t xmax = (uint64_t)((RANS_L >> RANS_PROB_BITS) << 8) * f;
         /* bytes out without a branch: X < 2^31 leaves at most two above xmax >= 2^17 */
         const int out1 = X >= xmax, out2 = (uint64_t)X >= xmax << 8;
+        if (ptr - out < 2) return -1;  /* out of room: the caller gives more */
         ptr[-1] = (uint8_t)(X & 0xff);
         ptr[-2] = (uint8_t)((X >> 8) & 0xff);
         ptr -= out1 + out2;
@@ -503,6 +504,7 @@ GOBO_API int64_t gobo_rans_encode(const uint8_t *codes, int64_t n, const uint16_
         x[l] = ((X / f) << RANS_PROB_BITS) + (X % f) + cum[s];
         l = l ? l - 1 : lanes - 1;
     }
+    if (ptr - out < 4 * (int64_t)lanes) return -1;
     for (int32_t k = lanes - 1; k >= 0; --k) {
         ptr -= 4;
         ptr[0] = (uint8_t)x[k]; ptr[1] = (uint8_t)(x[k] >> 8); ptr[2] = (uint8_t)(x[k] >> 16); ptr[3] = (uint8_t)(x[k] >> 24);
