@@ -38,7 +38,8 @@ def lib() -> ctypes.CDLL:
     so.gobo_act_scores.restype = None
     so.gobo_act_scores.argtypes = [ptr, ptr, i64, i64, i32, ptr, ptr, ptr]
     so.gobo_feedback_block.restype = None
-    so.gobo_feedback_block.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64, ptr, i64]
+    so.gobo_feedback_block.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i32, ptr, i64, ptr, i64, ptr, i64,
+                                       ptr, i64]
     so.gobo_byte_counts.restype = None
     so.gobo_byte_counts.argtypes = [ptr, i64, ptr]
     so.gobo_grid_levels.restype = i64
@@ -141,19 +142,22 @@ def act_scores(z: np.ndarray, c: np.ndarray, energy: np.ndarray, mask: np.ndarra
     return out
 
 
-def feedback_block(w, w0, t, cb, mask, codes, val, err) -> None:
+def feedback_block(w, w0, p, t, cb, mask, codes, val, err) -> None:
     """Native core of one block of :func:`gobo.feedback.feedback_rows`: 2-D float64 (``w``,
-    ``w0``, ``t``, ``val``), float64 ``cb`` (rows x k, C-contiguous), uint8 (``mask``,
-    ``codes``) and float32 ``err`` (the errors ``w0 - val``) torch tensors or views with unit
-    column stride; ``mask`` None: no outliers."""
-    rows, n = w.shape
-    if any(a.stride(1) != 1 for a in (w, w0, t, cb, mask, codes, val, err) if a is not None and a.shape[1] > 1):
+    working space of the block's shape; ``w0``, ``t``, ``val``), float32 ``p`` (the earlier
+    blocks' push, added to ``w0``; None: nothing to add), float64 ``cb`` (rows x k,
+    C-contiguous), uint8 (``mask``, ``codes``) and float32 ``err`` (the errors ``w0 - val``)
+    torch tensors or views with unit column stride; ``mask`` None: no outliers."""
+    rows, n = w0.shape
+    if any(a.stride(1) != 1 for a in (w, w0, p, t, cb, mask, codes, val, err) if a is not None and a.shape[1] > 1):
         raise ValueError("feedback_block needs rows stored contiguously (unit column stride)")
     import torch
 
-    if err.dtype != torch.float32 or tuple(err.shape) != (rows, n):
-        raise ValueError("feedback_block needs float32 errors of the block's shape")
-    lib().gobo_feedback_block(w.data_ptr(), w.stride(0), w0.data_ptr(), w0.stride(0), rows, n, t.data_ptr(), t.stride(0),
+    if err.dtype != torch.float32 or tuple(err.shape) != (rows, n) or tuple(w.shape) != (rows, n) \
+            or (p is not None and (p.dtype != torch.float32 or tuple(p.shape) != (rows, n))):
+        raise ValueError("feedback_block needs float32 errors and push, and working space, of the block's shape")
+    lib().gobo_feedback_block(w.data_ptr(), w.stride(0), w0.data_ptr(), w0.stride(0), None if p is None else p.data_ptr(),
+                              0 if p is None else p.stride(0), rows, n, t.data_ptr(), t.stride(0),
                               cb.data_ptr(), cb.shape[1], None if mask is None else mask.data_ptr(),
                               0 if mask is None else mask.stride(0), codes.data_ptr(),
                               codes.stride(0), val.data_ptr(), val.stride(0), err.data_ptr(), err.stride(0))

@@ -357,8 +357,10 @@ GOBO_API void gobo_act_scores(const float *z, const double *c, int64_t rows, int
  * GPTQ's update (Frantar et al. 2023; "LDLQ", Chee et al. 2023): with the damped input
  * moments written H = T D T^T, T unit upper triangular, column i is coded from its
  * fed-forward value and its error against the *original* weight, w0[i] - value, is pushed
- * onto the later columns through row i of T. w: rows x n fed-forward weights of the block's
- * columns (row stride ldw), overwritten; w0: the original weights (row stride ldw0); t: the
+ * onto the later columns through row i of T. w: rows x n (row stride ldw) working space,
+ * first set to the block's fed-forward weights w0 + p (in double; w0 alone where p is NULL)
+ * and overwritten; w0: the original weights (row stride ldw0); p: the float32 push of the
+ * earlier blocks' errors (row stride ldp); t: the
  * n x n unit upper-triangular block of T (row stride ldt); cb: rows x k ascending centroids
  * (double); mask: rows x n (row stride ldm), 1 where the weight is an outlier (NULL: none); err: rows x n
  * (row stride lde) receives each error w0[i] - value rounded to float32. Each row codes
@@ -412,7 +414,8 @@ static inline int32_t nearest_wide(const double *c, int32_t k, double x, double 
  * each row of t read serves all of them. */
 #define FEEDBACK_ROWS 4
 
-GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const double *w0, int64_t ldw0, int64_t rows,
+GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const double *w0, int64_t ldw0,
+                                  const float *p, int64_t ldp, int64_t rows,
                                   int64_t n, const double *t, int64_t ldt, const double *cb, int32_t k,
                                   const uint8_t *mask, int64_t ldm, uint8_t *codes, int64_t ldc, double *val,
                                   int64_t ldv, float *err, int64_t lde) {
@@ -422,6 +425,16 @@ GOBO_API VECTOR_CLONES void gobo_feedback_block(double *w, int64_t ldw, const do
     double mids[FEEDBACK_ROWS][16], per[FEEDBACK_ROWS];
     for (int64_t r0 = 0; r0 < rows; r0 += FEEDBACK_ROWS) {
         const int64_t nr = rows - r0 < FEEDBACK_ROWS ? rows - r0 : FEEDBACK_ROWS;
+        for (int64_t a = 0; a < nr; ++a) {  /* the rows' fed values: the weights plus the earlier blocks' push */
+            double *wr = w + (r0 + a) * ldw;
+            const double *w0r = w0 + (r0 + a) * ldw0;
+            if (p) {
+                const float *pr = p + (r0 + a) * ldp;
+                for (int64_t j = 0; j < n; ++j) wr[j] = w0r[j] + (double)pr[j];
+            } else {
+                for (int64_t j = 0; j < n; ++j) wr[j] = w0r[j];
+            }
+        }
         if (k <= 16) {  /* wide codebooks form their midpoints as needed (nearest_wide) */
             for (int64_t a = 0; a < nr; ++a) {
                 const double *cr = cb + (r0 + a) * k;

@@ -418,15 +418,13 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
             g = sensitivity(n, q.reshape(w32.shape)) / err
         return _relative_step(w.size, g)
 
-    def row_stats(n: str, blocks: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
+    def row_stats(w: np.ndarray, blocks: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
         """Each block's rows' variances and its sum of squares (a constant row's rounding
         makes no error)."""
-        w = as_rows(state[n])[1]
         return [(w[a:b].var(axis=1, dtype=np.float64), float(np.square(w[a:b], dtype=np.float64).sum()))
                 for a, b in blocks]
 
-    def expected_relative(n: str, stats: list[tuple[np.ndarray, float]]) -> float:
-        w = as_rows(state[n])[1]
+    def expected_relative(n: str, w: np.ndarray, stats: list[tuple[np.ndarray, float]]) -> float:
         gained = row_sums(n)  # each row's sum of |J_i|^2
         var = np.concatenate([v for v, _ in stats])  # each row's variance
         sq = 0.0
@@ -442,12 +440,13 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     if columns is None:  # a sensitivity that runs the model: one tensor at a time
         out = {n: relative(n) for n in names}
     elif expected:  # the rows' statistics a few blocks at a time, side by side (numpy releases the GIL)
-        parts = [(n, blocks) for n in names for blocks in _block_parts(as_rows(state[n])[1].shape)]
-        with tensor_pool(len(parts)) as pool:
+        with tensor_pool(len(names)) as pool:
+            rows = dict(zip(names, pool.map(lambda n: as_rows(state[n])[1], names)))  # each checked once
+            parts = [(n, blocks) for n in names for blocks in _block_parts(rows[n].shape)]
             stats: dict[str, list] = {n: [] for n in names}
-            for (n, _), got in zip(parts, pool.map(lambda part: row_stats(*part), parts)):
+            for (n, _), got in zip(parts, pool.map(lambda part: row_stats(rows[part[0]], part[1]), parts)):
                 stats[n].extend(got)
-        out = {n: expected_relative(n, stats[n]) for n in names}
+        out = {n: expected_relative(n, rows[n], stats[n]) for n in names}
     else:  # the tensors side by side (numpy releases the GIL)
         with tensor_pool(len(names)) as pool:
             out = dict(zip(names, pool.map(relative, names)))
