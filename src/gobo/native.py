@@ -8,7 +8,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "byte_counts", "cluster_rows", "feedback_block", "grid_levels", "kmeans1d_exact", "level_counts", "lib", "pack_codes", "rans_decode",
-           "rans_encode", "unpack_codes"]
+           "rans_encode", "sorted_level_counts", "unpack_codes"]
 
 
 @lru_cache(maxsize=1)
@@ -44,6 +44,8 @@ def lib() -> ctypes.CDLL:
     so.gobo_byte_counts.argtypes = [ptr, i64, ptr]
     so.gobo_grid_levels.restype = i64
     so.gobo_grid_levels.argtypes = [ptr, i64, i64, i64, ptr, i32, ptr, ptr]
+    so.gobo_sorted_level_counts.restype = None
+    so.gobo_sorted_level_counts.argtypes = [ptr, i64, ctypes.c_float, i32, ptr]
     so.gobo_level_counts.restype = None
     so.gobo_level_counts.argtypes = [ptr, i64, ctypes.c_float, i32, ptr]
     so.gobo_rans_encode.restype = i64
@@ -193,6 +195,16 @@ def level_counts(z: np.ndarray, c: float, grid: int) -> np.ndarray:
         raise ValueError("level_counts rejected its arguments")
     out = np.empty(2 * grid + 2, dtype=np.int64)
     lib().gobo_level_counts(z.ctypes.data, z.size, float(np.float32(c)), grid, out.ctypes.data)
+    return out
+
+
+def sorted_level_counts(zs: np.ndarray, c: float, grid: int) -> np.ndarray:
+    """:func:`level_counts` of ``zs`` sorted ascending (float32, 1-D, C-contiguous): the same
+    counts, by bisection on the runs of each level."""
+    if not (zs.dtype == np.float32 and zs.ndim == 1 and zs.flags.c_contiguous and 1 <= grid <= 256):
+        raise ValueError("sorted_level_counts rejected its arguments")
+    out = np.empty(2 * grid + 2, dtype=np.int64)
+    lib().gobo_sorted_level_counts(zs.ctypes.data, zs.size, float(np.float32(c)), grid, out.ctypes.data)
     return out
 
 

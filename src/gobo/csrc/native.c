@@ -624,3 +624,28 @@ GOBO_API VECTOR_CLONES int64_t gobo_grid_levels(const float *w, int64_t rows, in
     }
     return far;
 }
+
+/* sorted_level_counts: level_counts of ascending zs. A weight's level, its quotient rounded
+ * and clamped as there, never falls as the weight grows, so the weights of each level are
+ * one run of zs: its end is found by bisection (a few hundred quotients, not n). */
+static inline int32_t level_of(float z, float c, float lo, float hi) {
+    float q = z / c;
+    q = q < lo ? lo : q;
+    q = q > hi ? hi : q;
+    return (int32_t)((q + 12582912.0f) - 12582912.0f);
+}
+
+GOBO_API void gobo_sorted_level_counts(const float *zs, int64_t n, float c, int32_t grid, int64_t *counts) {
+    const float lo = (float)(-grid - 1), hi = (float)grid;
+    int64_t start = 0;
+    for (int32_t l = -grid - 1; l < grid; ++l) {
+        int64_t a = start, b = n;  /* the first index whose level exceeds l lies in [a, b] */
+        while (a < b) {
+            const int64_t m = a + (b - a) / 2;
+            if (level_of(zs[m], c, lo, hi) > l) b = m; else a = m + 1;
+        }
+        counts[l + grid + 1] = a - start;
+        start = a;
+    }
+    counts[2 * grid + 1] = n - start;
+}

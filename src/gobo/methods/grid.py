@@ -209,11 +209,12 @@ class _Sample:
         take = max(1, min(rows, _SAMPLE // max(cols, 1)))
         self.pick = np.linspace(0, rows - 1, take).round().astype(np.int64)
         self.z = (w2[self.pick] / spread[self.pick][:, None]).astype(np.float32)
+        self.sorted = np.sort(self.z, axis=None)  # each level's weights one run of it: counted by bisection
         self.n, self.rows, self.cols, self.scaled = rows * cols, rows, cols, scaled
         self.added = 0.0  # bits per weight that error feedback adds to the rounded codes' (see _fed_excess)
 
     def bits(self, c: float) -> float:
-        counts = _level_counts(self.z, c)
+        counts = _level_counts(self.z, c, self.sorted)
         beyond = int(counts[0] + counts[-1])
         n = counts[1:-1].copy()
         n[GRID] += beyond  # a weight beyond the grid has the code of level 0
@@ -222,13 +223,14 @@ class _Sample:
         return self.n * h + _overhead_bits(self.rows, self.cols, self.scaled, int(used[-1] - used[0]) + 1)
 
 
-def _level_counts(z: np.ndarray, c: float) -> np.ndarray:
+def _level_counts(z: np.ndarray, c: float, ascending: np.ndarray | None = None) -> np.ndarray:
     """How many of ``z`` (float32) fall on each level of the grid at step ``c``: levels
-    ``-GRID .. GRID - 1`` at 1 .. 2 GRID, those beyond the grid at 0 and 2 GRID + 1 (int64)."""
+    ``-GRID .. GRID - 1`` at 1 .. 2 GRID, those beyond the grid at 0 and 2 GRID + 1 (int64).
+    ``ascending``: ``z`` sorted (flat), when at hand: the counts found by bisection."""
     from .. import native
 
     if native.available():
-        return native.level_counts(z, c, GRID)
+        return native.level_counts(z, c, GRID) if ascending is None else native.sorted_level_counts(ascending, c, GRID)
     q = z / np.float32(c)
     np.rint(q, out=q)
     u = q.astype(np.int64)
