@@ -57,7 +57,7 @@ GRID = 128
 #: to -0.28 and -0.51
 SENSITIVITY_SENTENCES = 16
 #: shared_pass: the gains' sentences per forward and backward pass (shortest first): all-mpnet-base-v2's
-#: 16 sentences of 11 to 39 tokens fill 624 positions padded to 39 in one pass, 496 in two of 8
+#: 16 sentences of 11 to 39 tokens fill 624 positions padded to 39 in one pass, 488 in two of 8
 SENSITIVITY_BATCH = 8
 #: allocate="sensitivity": no tensor's relative step is more than this many times the geometric
 #: mean of all tensors' steps, nor less than its inverse
