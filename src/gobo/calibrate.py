@@ -209,7 +209,7 @@ class JacobianSensitivity:
     comparison: the gains in 2.1-2.4 s against 2.4-3.4 s; the row sums the same to 5e-5
     relative). With ``batch`` 0 its passes take :data:`JOINT_CHUNK` sentences at a time
     (:meth:`_joint`), and the sums are still those of one pass with one direction: the same
-    step factors on both bundled models, seeds 0 to 4, in about a quarter less time.
+    step factors on both bundled models, seeds 0 to 4, in about a fifth less time.
     Padded positions are left out: the attention mask gives them exactly zero gradient.
     A table looked up once per token sums the gradients at its output by id (no table-sized
     gradient: 94 MB per pass for all-mpnet-base-v2's words); other tables, and a Linear that
