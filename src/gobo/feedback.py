@@ -483,7 +483,13 @@ def _fed_block(W0, err, Tt32, i1: int, i2: int):
     1e-7) is far below a code step."""
     if not i1:
         return W0[:, i1:i2].clone()
-    return W0[:, i1:i2] + err[:, :i1] @ Tt32[i1:i2, :i1].mT  # added in float64, as the product widened first
+    return W0[:, i1:i2] + _push(err, Tt32, i1, i2)  # added in float64, as the product widened first
+
+
+def _push(err, Tt32, i1: int, i2: int):
+    """What the errors of the columns before ``i1`` add to columns ``i1:i2`` (float32):
+    ``err[:, :i1] @ T[:i1, i1:i2]``, one product."""
+    return err[:, :i1] @ Tt32[i1:i2, :i1].mT
 
 
 def feedback_rows(weight, h, codebook, mask, damp: float = DAMP, block: int = BLOCK, threads: int | None = None):
@@ -541,17 +547,12 @@ def _feedback_rows(weight, h, codebook, mask, damp: float, block: int, threads: 
         err = torch.empty((b - a, cols), dtype=torch.float32)
         val = kept[a:b] if kept is not None else torch.empty((b - a, min(block, cols)), dtype=torch.float64)
         work = torch.empty((b - a, min(block, cols)), dtype=torch.float64)  # the block's fed values, as it is coded
-        push = torch.empty((b - a, min(block, cols)), dtype=torch.float32)
         for i1, Tb in zip(starts, Tbs):
             i2 = min(i1 + block, cols)
             v = val[:, i1:i2] if kept is not None else val[:, : i2 - i1]
-            # the errors of every column before the block pushed onto it (what _fed_block adds), added in C
-            p = None
-            if i1:
-                p = push if i2 - i1 == push.shape[1] else None
-                p = torch.mm(err[:, :i1], Tt32[i1:i2, :i1].mT, out=p) if p is not None else err[:, :i1] @ Tt32[i1:i2, :i1].mT
-            native.feedback_block(work[:, : i2 - i1], W0[:, i1:i2], p, Tb, cb[a:b], None if M is None else M[a:b, i1:i2],
-                                  codes[a:b, i1:i2], v, err[:, i1:i2])
+            # the block's weights plus the earlier columns' push (what _fed_block forms), added in C
+            native.feedback_block(work[:, : i2 - i1], W0[:, i1:i2], _push(err, Tt32, i1, i2) if i1 else None, Tb,
+                                  cb[a:b], None if M is None else M[a:b, i1:i2], codes[a:b, i1:i2], v, err[:, i1:i2])
 
     # Each thread takes shares of the rows through all the blocks, its products one-threaded:
     # no thread waits for another between blocks, and torch's own threads, which would spin
