@@ -259,54 +259,50 @@ class JacobianSensitivity:
             if rows and not batch:  # one direction over all the sentences, their passes cut to their tokens
                 count = self._joint(model, ids, mask, probes, gen, params, linears, tables, seen, looked_up, looked_ids,
                                     table_moments, moments, sums)
-            for picked, span in [] if rows and not batch else _batches(mask, batch):
-                real = mask[picked, span].bool()
-                if moments is not None:  # the feedback's moments, from the same forward pass
-                    moments.batch(real)
-                seen.clear()
-                with torch.enable_grad():
-                    h = model(input_ids=ids[picked, span], attention_mask=mask[picked, span]).last_hidden_state[real]
-                    self.energy += float(torch.sum(h.detach().double() ** 2))
-                    outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)
-                            and (rows or table_moments)]
-                    per_token = [n for n in linears if n in seen and seen[n][2] == 1 and seen[n][0].dim() == 3
-                                 and tuple(seen[n][0].shape[:2]) == tuple(real.shape)]
-                    # rows: a table looked up once per token sums the gradients at its output by id
-                    by_id = [n for n in outs if rows and not tables[n].scale_grad_by_freq]
-                    measured = [n for n in params if n not in per_token and n not in by_id]
-                    grams: dict = {}  # X X^T of each input tensor of the pass (query, key and value share one)
-                    for i in range(probes):
-                        v = torch.randn(h.shape, generator=gen, dtype=h.dtype)
-                        grads = torch.autograd.grad(h, [params[n] for n in measured] + [seen[n][1] for n in per_token]
-                                                    + [looked_up[n] for n in outs],
-                                                    grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
-                        for n, g in zip(measured, grads):
-                            if g is None:
-                                continue
-                            if rows:
-                                self._add_row(n, g.detach().square().sum(1, dtype=torch.float64))
-                            elif n in self.column:  # squared in place: the gradients are this call's own
-                                self.column[n] += g.detach().square_()
-                            else:
-                                self.column[n] = g.detach().square_()
-                        for n, g in zip(per_token, grads[len(measured) : len(measured) + len(per_token)]):
-                            if g is None:
-                                continue
-                            x = seen[n][0]
-                            if id(x) not in grams:
-                                xr = x.detach()[real].to(torch.float32)
-                                grams[id(x)] = xr @ xr.T
-                            g = g.detach()[real].to(torch.float32)
-                            self._add_row(n, ((grams[id(x)] @ g) * g).sum(0, dtype=torch.float64))
-                        for n, g in zip(outs, grads[len(measured) + len(per_token):]):
-                            if g is None:
-                                continue
-                            if n in by_id:
-                                self._add_row(n, _table_rows(tables[n], looked_ids[n], g.detach()))
-                            if table_moments:
-                                g = g[real].double()
-                                sums[n] = sums[n] + g.T @ g if n in sums else g.T @ g
-                count += probes * int(real.sum())
+            else:
+                for picked, span in _batches(mask, batch):
+                    real = mask[picked, span].bool()
+                    if moments is not None:  # the feedback's moments, from the same forward pass
+                        moments.batch(real)
+                    seen.clear()
+                    with torch.enable_grad():
+                        h = model(input_ids=ids[picked, span], attention_mask=mask[picked, span]).last_hidden_state[real]
+                        self.energy += float(torch.sum(h.detach().double() ** 2))
+                        outs, per_token, by_id, measured = _roles(params, linears, tables, seen, looked_up, real, rows,
+                                                                  table_moments)
+                        grams: dict = {}  # X X^T of each input tensor of the pass (query, key and value share one)
+                        for i in range(probes):
+                            v = torch.randn(h.shape, generator=gen, dtype=h.dtype)
+                            grads = torch.autograd.grad(h, [params[n] for n in measured] + [seen[n][1] for n in per_token]
+                                                        + [looked_up[n] for n in outs],
+                                                        grad_outputs=v, retain_graph=i < probes - 1, allow_unused=True)
+                            for n, g in zip(measured, grads):
+                                if g is None:
+                                    continue
+                                if rows:
+                                    self._add_row(n, g.detach().square().sum(1, dtype=torch.float64))
+                                elif n in self.column:  # squared in place: the gradients are this call's own
+                                    self.column[n] += g.detach().square_()
+                                else:
+                                    self.column[n] = g.detach().square_()
+                            for n, g in zip(per_token, grads[len(measured) : len(measured) + len(per_token)]):
+                                if g is None:
+                                    continue
+                                x = seen[n][0]
+                                if id(x) not in grams:
+                                    xr = x.detach()[real].to(torch.float32)
+                                    grams[id(x)] = xr @ xr.T
+                                g = g.detach()[real].to(torch.float32)
+                                self._add_row(n, ((grams[id(x)] @ g) * g).sum(0, dtype=torch.float64))
+                            for n, g in zip(outs, grads[len(measured) + len(per_token):]):
+                                if g is None:
+                                    continue
+                                if n in by_id:
+                                    self._add_row(n, _table_rows(tables[n], looked_ids[n], g.detach()))
+                                if table_moments:
+                                    g = g[real].double()
+                                    sums[n] = sums[n] + g.T @ g if n in sums else g.T @ g
+                    count += probes * int(real.sum())
         finally:
             for held in (seen, looked_up, looked_ids):  # the pass's tensors, not kept
                 held.clear()
@@ -344,7 +340,6 @@ class JacobianSensitivity:
         first: dict = {}  # each per-token Linear's first reader of its input
         gs: dict = {}  # (probe, name) -> gradient at its output, all tokens
         table_ids: dict = {}  # tables summed by id: the ids looked up, all tokens
-        table_grads: dict = {}  # (probe, name) -> gradient at the table's output, all tokens
         dense: dict = {}  # (probe, name) -> the gradient of a weight used otherwise, summed over passes
         for picked, span in _batches(mask, JOINT_CHUNK):
             real = real_all[picked, span]
@@ -358,12 +353,9 @@ class JacobianSensitivity:
                     hidden = torch.empty((total, h.shape[1]), dtype=h.dtype)
                     dirs = [torch.randn(hidden.shape, generator=gen, dtype=h.dtype) for _ in range(probes)]
                 hidden[at] = h.detach()
-                outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)]
-                per_token = [n for n in linears if n in seen and seen[n][2] == 1 and seen[n][0].dim() == 3
-                             and tuple(seen[n][0].shape[:2]) == tuple(real.shape)]
-                by_id = [n for n in outs if not tables[n].scale_grad_by_freq]
-                outs = [n for n in outs if n in by_id or table_moments]
-                measured = [n for n in params if n not in per_token and n not in by_id]
+                outs, per_token, by_id, measured = _roles(params, linears, tables, seen, looked_up, real, True,
+                                                          table_moments)
+                outs = [n for n in outs if n in by_id or table_moments]  # the others' gradients would go unread
                 named: dict = {}  # this pass's input tensors, by the first Linear reading each
                 for n in per_token:
                     key = named.setdefault(id(seen[n][0]), n)
@@ -390,21 +382,18 @@ class JacobianSensitivity:
             return 0
         self.energy += float(torch.sum(hidden.double() ** 2))
         grams = {key: x @ x.T for key, x in xs.items()}
-        for i in range(probes):  # each probe's sums, in the one pass's order of tensors
-            for (j, n), g in dense.items():
-                if j == i:
-                    self._add_row(n, g.square().sum(1, dtype=torch.float64))
-            for (j, n), g in gs.items():
-                if j != i:
-                    continue
-                if n in first:
-                    self._add_row(n, ((grams[first[n]] @ g) * g).sum(0, dtype=torch.float64))
-                    continue
-                if n in table_ids:
-                    self._add_row(n, _table_rows(tables[n], table_ids[n], g))
-                if table_moments:
-                    gd = g.double()
-                    sums[n] = sums[n] + gd.T @ gd if n in sums else gd.T @ gd
+        # each tensor's sums, probe after probe (the first pass put each tensor's probes in order)
+        for (_, n), g in dense.items():
+            self._add_row(n, g.square().sum(1, dtype=torch.float64))
+        for (_, n), g in gs.items():
+            if n in first:
+                self._add_row(n, ((grams[first[n]] @ g) * g).sum(0, dtype=torch.float64))
+                continue
+            if n in table_ids:
+                self._add_row(n, _table_rows(tables[n], table_ids[n], g))
+            if table_moments:
+                gd = g.double()
+                sums[n] = sums[n] + gd.T @ gd if n in sums else gd.T @ gd
         return probes * total
 
     def _add_row(self, name: str, s) -> None:
@@ -435,6 +424,22 @@ class JacobianSensitivity:
         p = self.params[name].detach()
         d = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).reshape(p.shape) - p
         return float(torch.sum(d.double() ** 2 * self.column[name].double())) / max(self.energy, 1e-300)
+
+
+def _roles(params, linears, tables, seen, looked_up, real, rows: bool, table_moments: bool):
+    """``(outs, per_token, by_id, measured)`` of a pass of :class:`JacobianSensitivity` over
+    the sentences whose real tokens are ``real``: the tables with one output vector per token
+    (when their gradients are read), the Linears run once on one vector per token, the tables
+    whose rows sum their gradients by id (``rows``), and the weights whose own gradient is
+    formed (all others)."""
+    outs = [n for n, o in looked_up.items() if tuple(o.shape) == (*real.shape, tables[n].embedding_dim)
+            and (rows or table_moments)]
+    per_token = [n for n in linears if n in seen and seen[n][2] == 1 and seen[n][0].dim() == 3
+                 and tuple(seen[n][0].shape[:2]) == tuple(real.shape)]
+    # rows: a table looked up once per token sums the gradients at its output by id
+    by_id = [n for n in outs if rows and not tables[n].scale_grad_by_freq]
+    measured = [n for n in params if n not in per_token and n not in by_id]
+    return outs, per_token, by_id, measured
 
 
 def _table_rows(table, ids, grad):
