@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "byte_counts", "cluster_rows", "feedback_block", "grid_levels", "kmeans1d_exact", "level_counts", "lib", "pack_codes", "rans_decode",
+__all__ = ["act_scores", "assign_rows", "drop_sorted", "available", "byte_counts", "cluster_rows", "feedback_block", "grid_levels", "kmeans1d_exact", "lib", "pack_codes", "rans_decode",
            "rans_encode", "sorted_level_counts", "unpack_codes"]
 
 
@@ -46,8 +46,6 @@ def lib() -> ctypes.CDLL:
     so.gobo_grid_levels.argtypes = [ptr, i64, i64, i64, ptr, i32, ptr, ptr]
     so.gobo_sorted_level_counts.restype = None
     so.gobo_sorted_level_counts.argtypes = [ptr, i64, ctypes.c_float, i32, ptr]
-    so.gobo_level_counts.restype = None
-    so.gobo_level_counts.argtypes = [ptr, i64, ctypes.c_float, i32, ptr]
     so.gobo_rans_encode.restype = i64
     so.gobo_rans_encode.argtypes = [ptr, i64, ptr, i32, i32, ptr, i64]
     so.gobo_rans_decode.restype = ctypes.c_int
@@ -187,20 +185,11 @@ def grid_levels(w: np.ndarray, steps: np.ndarray, grid: int, codes: np.ndarray, 
                                       steps.ctypes.data, grid, codes.ctypes.data, beyond.ctypes.data))
 
 
-def level_counts(z: np.ndarray, c: float, grid: int) -> np.ndarray:
-    """Native core of the grid step search's histogram (:meth:`gobo.methods.grid._Sample.bits`):
-    int64 counts of ``clip(rint(z / float32(c)), -grid - 1, grid) + grid + 1`` over ``z``
-    (float32, C-contiguous), ``2 grid + 2`` of them."""
-    if not (z.dtype == np.float32 and z.flags.c_contiguous and 1 <= grid <= 256):
-        raise ValueError("level_counts rejected its arguments")
-    out = np.empty(2 * grid + 2, dtype=np.int64)
-    lib().gobo_level_counts(z.ctypes.data, z.size, float(np.float32(c)), grid, out.ctypes.data)
-    return out
-
-
 def sorted_level_counts(zs: np.ndarray, c: float, grid: int) -> np.ndarray:
-    """:func:`level_counts` of ``zs`` sorted ascending (float32, 1-D, C-contiguous): the same
-    counts, by bisection on the runs of each level."""
+    """Native core of the grid step search's histogram (:meth:`gobo.methods.grid._Sample.bits`):
+    int64 counts of ``clip(rint(zs / float32(c)), -grid - 1, grid) + grid + 1`` over ``zs``
+    (float32, 1-D, C-contiguous, sorted ascending), ``2 grid + 2`` of them, found by bisection
+    on the runs of each level."""
     if not (zs.dtype == np.float32 and zs.ndim == 1 and zs.flags.c_contiguous and 1 <= grid <= 256):
         raise ValueError("sorted_level_counts rejected its arguments")
     out = np.empty(2 * grid + 2, dtype=np.int64)

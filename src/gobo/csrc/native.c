@@ -154,28 +154,22 @@ GOBO_API void gobo_unpack_codes(const uint8_t *packed, int64_t n, int32_t bits, 
     }
 }
 
-/* Tally x[a .. e) into the four partial tables part[0..3] (part[j][v] counts the values v),
- * one element to each in turn, so that runs of one value do not wait on their own increments. */
-#define TALLY4(part, x, a, e)                                  \
-    do {                                                       \
-        int64_t i_ = (a);                                      \
-        for (; i_ + 4 <= (e); i_ += 4) {                       \
-            part[0][(x)[i_]]++;                                \
-            part[1][(x)[i_ + 1]]++;                            \
-            part[2][(x)[i_ + 2]]++;                            \
-            part[3][(x)[i_ + 3]]++;                            \
-        }                                                      \
-        for (; i_ < (e); ++i_) part[0][(x)[i_]]++;             \
-    } while (0)
-
-/* byte_counts: counts[v] of the bytes of value v in x (256 of them), tallied by TALLY4. */
+/* byte_counts: counts[v] of the bytes of value v in x (256 of them), in four partial
+ * tables so that runs of one value do not wait on their own increments. */
 GOBO_API void gobo_byte_counts(const uint8_t *x, int64_t n, int64_t *counts) {
     uint32_t part[4][256];
     memset(part, 0, sizeof part);
     memset(counts, 0, 256 * sizeof *counts);
     for (int64_t s = 0; s < n; s += (int64_t)1 << 30) {  /* flushed before a partial count can wrap */
         const int64_t e = n - s < ((int64_t)1 << 30) ? n : s + ((int64_t)1 << 30);
-        TALLY4(part, x, s, e);
+        int64_t i = s;
+        for (; i + 4 <= e; i += 4) {
+            part[0][x[i]]++;
+            part[1][x[i + 1]]++;
+            part[2][x[i + 2]]++;
+            part[3][x[i + 3]]++;
+        }
+        for (; i < e; ++i) part[0][x[i]]++;
         for (int v = 0; v < 256; ++v) {
             counts[v] += (int64_t)part[0][v] + part[1][v] + part[2][v] + part[3][v];
             part[0][v] = part[1][v] = part[2][v] = part[3][v] = 0;
@@ -579,24 +573,6 @@ static inline int32_t level_of(float z, float c, float lo, float hi) {
     return (int32_t)((q + 12582912.0f) - 12582912.0f);
 }
 
-/* level_counts: counts[1 + grid + l] of the weights whose level rint(z[i] / c) is l, for l
- * from -grid to grid - 1; counts[0] and counts[2 grid + 1] those below and above (the grid
- * step search's histogram; levels as level_of finds them). */
-GOBO_API VECTOR_CLONES void gobo_level_counts(const float *z, int64_t n, float c, int32_t grid, int64_t *counts) {
-    enum { CHUNK = 512 };
-    int32_t idx[CHUNK];
-    int64_t part[4][2 * 256 + 2];
-    const int32_t m = 2 * grid + 2;
-    memset(part, 0, sizeof part);
-    const float lo = (float)(-grid - 1), hi = (float)grid;
-    for (int64_t s = 0; s < n; s += CHUNK) {
-        const int64_t e = n - s < CHUNK ? n - s : CHUNK;
-        for (int64_t i = 0; i < e; ++i) idx[i] = level_of(z[s + i], c, lo, hi) + grid + 1;
-        TALLY4(part, idx, 0, e);
-    }
-    for (int32_t j = 0; j < m; ++j) counts[j] = part[0][j] + part[1][j] + part[2][j] + part[3][j];
-}
-
 /* grid_levels: each weight of w (rows x cols, row stride ldw) rounded to its row's grid
  * (level_of, step step[r]): code level + grid where the level lies in -grid .. grid - 1, else
  * code grid (level 0) and beyond[i] = 1. Returns the number of weights beyond the grid. */
@@ -621,8 +597,10 @@ GOBO_API VECTOR_CLONES int64_t gobo_grid_levels(const float *w, int64_t rows, in
     return far;
 }
 
-/* sorted_level_counts: level_counts of ascending zs. A weight's level (level_of) never falls
- * as the weight grows, so the weights of each level are one run of zs: its end is found by
+/* sorted_level_counts: counts[1 + grid + l] of the weights of ascending zs whose level
+ * (level_of, step c) is l, for l from -grid to grid - 1; counts[0] and counts[2 grid + 1]
+ * those below and above (the grid step search's histogram). A weight's level never falls as
+ * the weight grows, so the weights of each level are one run of zs: its end is found by
  * bisection (a few thousand quotients, not n). */
 GOBO_API void gobo_sorted_level_counts(const float *zs, int64_t n, float c, int32_t grid, int64_t *counts) {
     const float lo = (float)(-grid - 1), hi = (float)grid;

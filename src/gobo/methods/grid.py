@@ -66,8 +66,8 @@ MAX_FACTOR = 4.0
 OUTLIER_BITS = 64
 #: rows sampled per tensor when the step is searched for (all rows of smaller tensors)
 _SAMPLE = 1 << 17
-#: step_factors(expected=True): blocks of rows (:func:`row_blocks`) per piece of work, so that a
-#: large table's statistics are shared among the threads
+#: blocks of rows (:func:`row_blocks`) per piece of work of :func:`_blockwise`, so that a large
+#: table's per-row work is shared among the threads
 _STAT_BLOCKS = 32
 
 
@@ -116,11 +116,18 @@ def _row_sds(w2: np.ndarray, blocks: Sequence[tuple[int, int]]) -> list[np.ndarr
     return [w2[a:b].std(axis=1, dtype=np.float64) for a, b in blocks]
 
 
-def _block_parts(shape: tuple[int, int]) -> list[list[tuple[int, int]]]:
-    """The :func:`row_blocks` of a tensor of ``shape`` (rows x cols), :data:`_STAT_BLOCKS` to a
-    piece of work: a large tensor's per-row statistics shared among threads."""
-    blocks = list(row_blocks(*shape))
-    return [blocks[i : i + _STAT_BLOCKS] for i in range(0, len(blocks), _STAT_BLOCKS)]
+def _blockwise(pool, shapes: Mapping[str, tuple[int, int]], work: Callable) -> dict[str, list]:
+    """``work(name, blocks)`` on :data:`_STAT_BLOCKS` of the :func:`row_blocks` of each tensor
+    at a time, the pieces on ``pool``'s threads (a large tensor's shared among them): for
+    each name of ``shapes`` (rows x cols), its pieces' results in the order of its rows."""
+    parts = []
+    for n, shape in shapes.items():
+        blocks = list(row_blocks(*shape))
+        parts += [(n, blocks[i : i + _STAT_BLOCKS]) for i in range(0, len(blocks), _STAT_BLOCKS)]
+    out: dict[str, list] = {n: [] for n in shapes}
+    for (n, _), got in zip(parts, pool.map(lambda part: work(*part), parts)):
+        out[n].append(got)
+    return out
 
 
 def row_steps(w2: np.ndarray, c: float, spread: np.ndarray | None = None) -> np.ndarray:
@@ -208,13 +215,14 @@ class _Sample:
         rows, cols = w2.shape
         take = max(1, min(rows, _SAMPLE // max(cols, 1)))
         self.pick = np.linspace(0, rows - 1, take).round().astype(np.int64)
-        self.z = (w2[self.pick] / spread[self.pick][:, None]).astype(np.float32)
-        self.sorted = np.sort(self.z, axis=None)  # each level's weights one run of it: counted by bisection
+        # the sampled weights over their rows' spread, flat and sorted: each level's weights are
+        # one run of them, counted by bisection
+        self.z = np.sort((w2[self.pick] / spread[self.pick][:, None]).astype(np.float32), axis=None)
         self.n, self.rows, self.cols, self.scaled = rows * cols, rows, cols, scaled
         self.added = 0.0  # bits per weight that error feedback adds to the rounded codes' (see _fed_excess)
 
     def bits(self, c: float) -> float:
-        counts = _level_counts(self.z, c, self.sorted)
+        counts = _level_counts(self.z, c)
         beyond = int(counts[0] + counts[-1])
         n = counts[1:-1].copy()
         n[GRID] += beyond  # a weight beyond the grid has the code of level 0
@@ -223,14 +231,14 @@ class _Sample:
         return self.n * h + _overhead_bits(self.rows, self.cols, self.scaled, int(used[-1] - used[0]) + 1)
 
 
-def _level_counts(z: np.ndarray, c: float, ascending: np.ndarray | None = None) -> np.ndarray:
-    """How many of ``z`` (float32) fall on each level of the grid at step ``c``: levels
-    ``-GRID .. GRID - 1`` at 1 .. 2 GRID, those beyond the grid at 0 and 2 GRID + 1 (int64).
-    ``ascending``: ``z`` sorted (flat), when at hand: the counts found by bisection."""
+def _level_counts(z: np.ndarray, c: float) -> np.ndarray:
+    """How many of ``z`` (float32, flat, ascending) fall on each level of the grid at step
+    ``c``: levels ``-GRID .. GRID - 1`` at 1 .. 2 GRID, those beyond the grid at 0 and
+    2 GRID + 1 (int64); compiled, by bisection on the runs of each level."""
     from .. import native
 
     if native.available():
-        return native.level_counts(z, c, GRID) if ascending is None else native.sorted_level_counts(ascending, c, GRID)
+        return native.sorted_level_counts(z, c, GRID)
     q = z / np.float32(c)
     np.rint(q, out=q)
     u = q.astype(np.int64)
@@ -346,15 +354,13 @@ def _rounded_levels(w2s: Mapping[str, np.ndarray], steps: Mapping[str, np.ndarra
     0): what :func:`finish` of :func:`coding_form` without feedback starts from. Blocks of
     rows go to ``pool``'s threads, a large table's shared among them."""
     codes = {n: np.empty(w2s[n].shape, dtype=np.uint8) for n in names}
-    parts = [(n, blocks[0][0], blocks[-1][1]) for n in names for blocks in _block_parts(w2s[n].shape)]
 
-    def part(n: str, a: int, b: int) -> np.ndarray:
+    def part(n: str, blocks: Sequence[tuple[int, int]]) -> np.ndarray:
+        a, b = blocks[0][0], blocks[-1][1]
         out = levels(w2s[n][a:b], steps[n][a:b], codes[n][a:b])[1]
         return np.flatnonzero(out.reshape(-1)).astype(np.int64) + a * w2s[n].shape[1]
 
-    found: dict[str, list] = {n: [] for n in names}
-    for (n, _, _), idx in zip(parts, pool.map(lambda p: part(*p), parts)):
-        found[n].append(idx)
+    found = _blockwise(pool, {n: w2s[n].shape for n in names}, part)
     out = {}
     for n in names:
         idx = np.concatenate(found[n]) if found[n] else np.zeros(0, dtype=np.int64)
@@ -444,11 +450,8 @@ def step_factors(state: Mapping[str, np.ndarray], names: Sequence[str], sensitiv
     elif expected:  # the rows' statistics a few blocks at a time, side by side (numpy releases the GIL)
         with tensor_pool(len(names)) as pool:
             rows = dict(zip(names, pool.map(lambda n: as_rows(state[n])[1], names)))  # each checked once
-            parts = [(n, blocks) for n in names for blocks in _block_parts(rows[n].shape)]
-            stats: dict[str, list] = {n: [] for n in names}
-            for (n, _), got in zip(parts, pool.map(lambda part: row_stats(rows[part[0]], part[1]), parts)):
-                stats[n].extend(got)
-        out = {n: expected_relative(n, rows[n], stats[n]) for n in names}
+            stats = _blockwise(pool, {n: rows[n].shape for n in names}, lambda n, blocks: row_stats(rows[n], blocks))
+        out = {n: expected_relative(n, rows[n], [s for got in stats[n] for s in got]) for n in names}
     else:  # the tensors side by side (numpy releases the GIL)
         with tensor_pool(len(names)) as pool:
             out = dict(zip(names, pool.map(relative, names)))
@@ -522,11 +525,8 @@ def _quantize(state, names, config, moments, fed, feed, progress, factors, measu
     budget = target * total
     m = {n: 1.0 if factors is None else float(factors[n]) for n in names}
     # each row's, once (steps are multiples of it), a large tensor's blocks side by side
-    parts = [(n, blocks) for n in names for blocks in _block_parts(w2[n].shape)]
-    sds: dict[str, list] = {n: [] for n in names}
-    for (n, _), got in zip(parts, pool.map(lambda part: _row_sds(w2[part[0]], part[1]), parts)):
-        sds[n].extend(got)
-    spread = {n: _spread(w2[n], sds[n]) for n in names}
+    sds = _blockwise(pool, {n: w2[n].shape for n in names}, lambda n, blocks: _row_sds(w2[n], blocks))
+    spread = {n: _spread(w2[n], [sd for got in sds[n] for sd in got]) for n in names}
     samples = dict(zip(names, pool.map(lambda n: _Sample(w2[n], n in fed, spread[n]), names)))
 
     def bits_of(these: Sequence[str]) -> Callable[[float], float]:
